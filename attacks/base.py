@@ -1,0 +1,108 @@
+"""The attack interface and the ``ATTACKS`` registry.
+
+An attack is a frozen dataclass of hyperparameters (paper or official-code defaults)
+plus a ``state`` dict of tensors (its trigger, drawn in ``prepare``) that the store
+saves as safetensors. The methods:
+
+- ``prepare(num_classes, channels, size, train, seed)``: build the trigger; attacks that
+  need learned parts or a clean model do that here. Must be deterministic in ``seed``.
+- ``trigger(x)``: put the trigger on a uint8 batch ``[B, C, H, W]`` (same shape, uint8).
+- ``apply(x, y) -> (x', y')``: trigger plus the attack's label map.
+- ``poison(train, seed) -> PoisonedSet``: choose and transform the poisoned subset
+  (clean-label attacks keep labels; the default picks ``round(poison_rate * N)``
+  images whose label differs from the target, and relabels them).
+- ``train_hook()``: optionally a per-batch hook for the trainer (see ``bench.train``).
+- ``test_set(test)``: the triggered test set used for ASR and RA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+import torch
+
+from bench.config import Config, param
+from bench.data import ImageSet
+from bench.metrics import TriggeredSet
+from bench.registry import Registry
+from bench.train import BatchHook
+
+ATTACKS: Registry[type["Attack"]] = Registry("attack", entry_point_group="bdbench.attacks")
+
+
+@dataclass
+class PoisonedSet:
+    """The poisoned training set and which of its indices were poisoned."""
+
+    data: ImageSet
+    poison_idx: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Attack(Config):
+    description: ClassVar[str]
+    paper: ClassVar[str]
+
+    target: int = param(0, low=0, doc="target class (all-to-one)")
+    poison_rate: float = param(0.1, low=0.0, high=1.0, doc="fraction of the training set poisoned")
+    label_mode: Literal["all2one", "all2all"] = "all2one"
+    state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    # ------------------------------------------------------------ to implement
+    def prepare(self, num_classes: int, channels: int, size: int, train: ImageSet, seed: int) -> None:
+        """Build the trigger into ``self.state``; the base records the number of classes."""
+        if self.target >= num_classes:
+            from bench.registry import BenchError
+
+            raise BenchError(f"{self.name}.target={self.target} is out of range; allowed: [0, {num_classes - 1}]")
+        self.state["num_classes"] = torch.tensor(num_classes)
+
+    def trigger(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ shared behaviour
+    @property
+    def num_classes(self) -> int:
+        return int(self.state["num_classes"])
+
+    def target_labels(self, y: torch.Tensor) -> torch.Tensor:
+        if self.label_mode == "all2all":
+            return (y + 1) % self.num_classes
+        return torch.full_like(y, self.target)
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trigger(x), self.target_labels(y)
+
+    def poison_candidates(self, train: ImageSet) -> torch.Tensor:
+        """Indices that may be poisoned: non-target images for all-to-one, all for all-to-all."""
+        if self.label_mode == "all2one":
+            return (train.y != self.target).nonzero().flatten()
+        return torch.arange(len(train))
+
+    def poison(self, train: ImageSet, seed: int) -> PoisonedSet:
+        pool = self.poison_candidates(train)
+        count = min(len(pool), int(round(self.poison_rate * len(train))))
+        gen = torch.Generator().manual_seed(seed)
+        idx = pool[torch.randperm(len(pool), generator=gen)[:count]].sort().values
+        x, y = train.x.clone(), train.y.clone()
+        if count:
+            x[idx], y[idx] = self.apply(train.x[idx], train.y[idx])
+        return PoisonedSet(ImageSet(x, y), idx)
+
+    def train_hook(self) -> Optional[BatchHook]:
+        return None
+
+    def test_set(self, test: ImageSet) -> TriggeredSet:
+        keep = (test.y != self.target) if self.label_mode == "all2one" else torch.ones_like(test.y, dtype=torch.bool)
+        x, y = test.x[keep], test.y[keep]
+        xt, yt = self.apply(x, y)
+        return TriggeredSet(xt, y, yt)
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.state.clear()
+        self.state.update(tensors)
+
+    def with_overrides(self, **changes) -> "Attack":
+        return dataclasses.replace(self, **changes)

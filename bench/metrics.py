@@ -1,0 +1,41 @@
+"""Clean accuracy (CA), attack success rate (ASR) and robust accuracy (RA).
+
+- CA: accuracy on the whole clean test set.
+- ASR: on the triggered test set, the fraction classified as the attack's label:
+  the target for all-to-one (images whose true label is the target are left out
+  when the set is built), ``y -> y + 1 mod K`` for all-to-all.
+- RA: on the same triggered images, the fraction still classified as the true label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bench.data import ImageSet
+from bench.train import predict
+
+
+@dataclass
+class TriggeredSet:
+    """Triggered test images with their true labels and the labels the attack wants."""
+
+    x: torch.Tensor
+    y_true: torch.Tensor
+    y_target: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def evaluate(model: nn.Module, clean: ImageSet, triggered: TriggeredSet, *, device="cpu", bf16: bool = True) -> dict[str, float]:
+    """``{"ca", "asr", "ra"}`` as fractions in [0, 1]."""
+    pc = predict(model, clean.x, device=device, bf16=bf16)
+    pt = predict(model, triggered.x, device=device, bf16=bf16)
+    return {
+        "ca": (pc == clean.y.cpu()).float().mean().item(),
+        "asr": (pt == triggered.y_target.cpu()).float().mean().item(),
+        "ra": (pt == triggered.y_true.cpu()).float().mean().item(),
+    }

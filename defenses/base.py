@@ -1,0 +1,55 @@
+"""The defense interface and the ``DEFENSES`` registry.
+
+A defense is a frozen dataclass of hyperparameters (paper or official-code defaults)
+called as ``defense(model, clean, ctx) -> DefenseResult``. It receives a copy of the
+backdoored model and the clean defense subset, and nothing else: no test set, no
+poisoned training data, no trigger, no target label. Any choice it makes (a pruning
+threshold, how many channels) comes from the defense data alone.
+
+A defense may also return ``sweep``: a callable yielding ``(setting, model)`` over its
+whole operating curve (RNP: every pruning threshold). The harness evaluates it on
+the test sets after the fact, for plots labelled as an oracle view; it never feeds
+back into the defense's choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator, Optional
+
+import torch
+from torch import nn
+
+from bench.config import Config
+from bench.data import Augmentation
+from bench.registry import Registry
+
+DEFENSES: Registry[type["Defense"]] = Registry("defense", entry_point_group="bdbench.defenses")
+
+
+@dataclass
+class DefenseContext:
+    """What a defense may know besides the model and its clean data."""
+
+    num_classes: int
+    augmentation: Augmentation
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    bf16: bool = True
+    progress: bool = False
+
+
+@dataclass
+class DefenseResult:
+    model: nn.Module
+    info: dict = field(default_factory=dict)  # JSON-able facts: what was pruned, epochs, ...
+    sweep: Optional[Callable[[], Iterator[tuple[float, nn.Module]]]] = None
+
+
+@dataclass(frozen=True)
+class Defense(Config):
+    description: ClassVar[str]
+    paper: ClassVar[str]
+
+    def __call__(self, model: nn.Module, clean, ctx: DefenseContext) -> DefenseResult:
+        raise NotImplementedError
