@@ -140,7 +140,7 @@ def _missing(name: str, root: Path, expect: str) -> BenchError:
 
 
 def _to_uint8_chw(arr: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.array(arr, copy=True))
     return (t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)).contiguous()
 
 

@@ -1,0 +1,201 @@
+"""The ``bench`` command line: run, report, list, perf."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from bench.registry import BenchError
+
+
+def _split(value: str, allowed: list[str], what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["all"]:
+        return list(allowed)
+    if not names:
+        raise BenchError(f"--{what} is empty; allowed: all, {', '.join(allowed)}")
+    seen = []
+    for n in names:
+        if n not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(n, allowed, n=2)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise BenchError(f"unknown {what} {n!r}{hint}; allowed: all, {', '.join(allowed)}")
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _seeds(value: str) -> list[int]:
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise BenchError(f"--seeds {value!r} is not a list of integers; e.g. --seeds 0,1,2 or --seeds 0-2") from None
+    if not out or any(s < 0 for s in out):
+        raise BenchError(f"--seeds {value!r} must name non-negative integers; e.g. --seeds 0,1,2")
+    return list(dict.fromkeys(out))
+
+
+def _default_preset(device: str) -> str:
+    return "paper" if device == "cuda" else "quick"
+
+
+def _device(value: str) -> str:
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but no CUDA device is available; allowed here: auto, cpu")
+    return value
+
+
+class _Group(click.Group):
+    """Prints a BenchError as one line (no traceback) and exits with status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BenchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+def main() -> None:
+    """bdbench: backdoor attacks vs. defenses, CA and ASR side by side."""
+
+
+@main.command()
+@click.option("--attack", "attack_", default="all", show_default=True, help="all, or a comma list of attacks (bench list attacks)")
+@click.option("--defense", default="rnp", show_default=True, help="all, or a comma list of defenses; 'none' (the baseline row) is always added")
+@click.option("--dataset", default=None, help="comma list of datasets (default: the preset's)")
+@click.option("--model", default=None, help="comma list of models (default: the preset's)")
+@click.option("--preset", default=None, help="demo | quick | paper (default: paper on a CUDA machine, else quick)")
+@click.option("--seeds", default="0", show_default=True, help="comma list or range of seeds, e.g. 0,1,2 or 0-2")
+@click.option("--jobs", default=1, show_default=True, type=int, help="cells run in parallel (local processes)")
+@click.option("--out", default=None, help="run folder (default: results/<preset>-<grid hash>); rerunning resumes it")
+@click.option("--data-dir", default=None, help="data root (default: $BENCH_DATA_DIR, else the user cache)")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--set", "sets", multiple=True, help="component.field=value override, e.g. rnp.clean_threshold=0.3 (repeatable)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, device, sets, quiet) -> None:
+    """Train poisoned models, apply defenses, write records, tables and plots."""
+    from attacks import ATTACKS
+    from bench.config import parse_sets
+    from bench.data import DATASETS
+    from bench.grid import GridSpec, run_grid
+    from bench.models import MODELS
+    from bench.presets import PRESETS
+    from bench.report import markdown_table, write_reports
+    from bench.store import content_hash
+    from defenses import DEFENSES
+
+    dev = _device(device)
+    if preset is None:
+        preset = _default_preset(dev)
+        click.echo(f"no --preset given: using '{preset}' ({'CUDA found' if dev == 'cuda' else 'no CUDA device'})")
+    if preset not in PRESETS:
+        raise BenchError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    if jobs < 1:
+        raise BenchError(f"--jobs {jobs} must be >= 1")
+    defs = _split(defense, DEFENSES.names(), "defense")
+    if "none" in DEFENSES and "none" not in defs:
+        defs = ["none", *defs]
+    spec = GridSpec(
+        attacks=_split(attack_, ATTACKS.names(), "attack"),
+        defenses=defs,
+        datasets=_split(dataset, DATASETS.names(), "dataset") if dataset else None,
+        models=_split(model, MODELS.names(), "model") if model else None,
+        preset=preset,
+        seeds=_seeds(seeds),
+        overrides=parse_sets(sets),
+    )
+    cells = spec.resolve()  # every name and value is checked here, before any work
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise BenchError(f"--data-dir {data_dir} is not a folder")
+    if out is None:
+        first = cells[0].job
+        out = Path("results") / f"{preset}-{first.dataset.name}-{first.model.name}-" \
+            f"{content_hash({'cells': [c.id for c in cells], 'sets': sorted(sets)}, 8)}"
+    click.echo(f"run folder: {out}  ({len(cells)} cells, device {dev}, jobs {jobs})")
+    records = run_grid(cells, out, preset=preset, data_dir=data_dir, device=dev, jobs=jobs, progress=not quiet,
+                       log=lambda m: click.echo(m))
+    paths = write_reports(out)
+    click.echo("")
+    click.echo(markdown_table(records))
+    click.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        click.echo(f"{len(failed)} cell(s) failed: {', '.join(r['cell'] for r in failed)}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir) -> None:
+    """Regenerate tables and plots from RUN_DIR/records.jsonl."""
+    from bench.report import load_records, markdown_table, write_reports
+
+    if not Path(run_dir).is_dir():
+        raise BenchError(f"run folder {run_dir} does not exist")
+    paths = write_reports(run_dir)
+    click.echo(markdown_table(load_records(run_dir)))
+    click.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["attacks", "defenses", "datasets", "models", "presets"]))
+@click.option("--fields", "-f", is_flag=True, help="also list each entry's hyperparameters and defaults")
+def list_(what, fields) -> None:
+    """List registered components with a one-line description and their paper."""
+    from attacks import ATTACKS
+    from bench.config import describe
+    from bench.data import DATASETS
+    from bench.models import MODELS
+    from bench.presets import PRESETS
+    from defenses import DEFENSES
+
+    if what == "presets":
+        for name, p in PRESETS.items():
+            click.echo(f"{name:10s} {p.description}")
+        return
+    reg = {"attacks": ATTACKS, "defenses": DEFENSES, "datasets": DATASETS, "models": MODELS}[what]
+    for name, cls in reg.items():
+        paper = getattr(cls, "paper", "")
+        click.echo(f"{name:16s} {cls.description}" + (f"\n{'':16s} paper: {paper}" if paper else ""))
+        if fields:
+            for fname, tname, default, doc in describe(cls):
+                click.echo(f"{'':18s}{name}.{fname} ({tname}) = {default!r}" + (f"  {doc}" if doc else ""))
+    for name, err in getattr(reg, "plugin_errors", {}).items():
+        click.echo(f"{name:16s} [plugin failed to load] {err}", err=True)
+
+
+@main.command()
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="also write the numbers to this JSON file")
+@click.option("--quick", is_flag=True, help="a shorter measurement (less precise)")
+def perf(json_path, quick) -> None:
+    """Measure how fast this machine runs the pipeline (ratios against baselines measured in the same run)."""
+    from bench.perf import format_table, run_perf
+    from bench.store import write_json
+
+    result = run_perf(quick=quick)
+    click.echo(format_table(result))
+    if json_path:
+        write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""The grid runner: phase 1 trains each backdoored model once, phase 2 runs each defense.
+
+- ``GridSpec.resolve`` builds and validates every component config before any work.
+- Phase 1, once per (dataset, model, attack, seed, training config): poison, train,
+  evaluate, and cache the weights, the attack state, the poisoned indices and the
+  triggered test set as safetensors + JSON under a content hash in
+  ``cache_dir()/models``. The cache entry is written into a temporary folder and
+  renamed into place, so it is either whole or absent.
+- Phase 2, per cell (dataset, model, attack, defense, seed): load the cached model,
+  draw the clean defense subset, run the defense, evaluate, and write one record.
+  Each record is its own file ``RUN_DIR/cells/<cell>.json`` (atomic), and
+  ``RUN_DIR/records.jsonl`` is regenerated from them (atomic) after every cell, so a
+  run killed at any moment resumes on rerun: finished cells are skipped, cached
+  models are reused, and no cell is written twice.
+- Cells run in parallel with joblib (local processes); torch threads are split
+  among the workers. A failing cell is recorded with its error; the rest go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+import attacks as _attacks  # noqa: F401  (registers the built-in attacks)
+import defenses as _defenses  # noqa: F401  (registers the built-in defenses)
+from attacks.base import ATTACKS, Attack
+from bench.config import Config, build, param
+from bench.data import DATASETS, Dataset, ImageSet, cache_dir, defense_subset
+from bench.metrics import TriggeredSet, evaluate
+from bench.models import MODELS, ModelSpec
+from bench.presets import PRESETS, Preset
+from bench.registry import BenchError
+from bench.store import content_hash, load_tensors, read_json, save_tensors, write_json, atomic_write_text
+from bench.train import TrainConfig, train
+from defenses.base import DEFENSES, Defense, DefenseContext
+
+CODE_VERSION = "1"  # bump when a change alters trained models, so cached ones are not reused
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """Grid-wide settings; ``--set run.field=value``."""
+
+    name = "run"
+
+    defense_data: float = param(0.01, low=0.0, doc="clean defense data: a fraction of the training set if < 1, else a count")
+    sweep: bool = param(True, doc="evaluate a defense's whole operating curve on the test sets (oracle view, plots only)")
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    dataset: Dataset
+    model: ModelSpec
+    attack: Attack
+    train: TrainConfig
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return content_hash({
+            "code": CODE_VERSION,
+            "dataset": [self.dataset.name, self.dataset.to_dict()],
+            "model": [self.model.name, self.model.to_dict()],
+            "attack": [self.attack.name, self.attack.to_dict(), getattr(type(self.attack), "version", 1)],
+            "train": self.train.to_dict(),
+            "seed": self.seed,
+        })
+
+
+@dataclass(frozen=True)
+class Cell:
+    job: TrainJob
+    defense: Defense
+    run: RunConfig
+
+    @property
+    def id(self) -> str:
+        j = self.job
+        return f"{j.dataset.name}-{j.model.name}-{j.attack.name}-{self.defense.name}-s{j.seed}"
+
+
+@dataclass
+class GridSpec:
+    """What to run; ``resolve()`` turns names and overrides into validated cells."""
+
+    attacks: list[str]
+    defenses: list[str]
+    datasets: list[str] | None = None
+    models: list[str] | None = None
+    preset: str = "demo"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def resolve(self) -> list[Cell]:
+        if self.preset not in PRESETS:
+            raise BenchError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        p: Preset = PRESETS[self.preset]
+        known = {"train", "run", *DATASETS.names(), *MODELS.names(), *ATTACKS.names(), *DEFENSES.names()}
+        for comp in self.overrides:
+            if comp not in known:
+                raise BenchError(f"--set names unknown component {comp!r}; known: {', '.join(sorted(known))}")
+        ov = lambda name: self.overrides.get(name, {})  # noqa: E731
+        fields = lambda name: {**p.fields.get(name, {})}  # noqa: E731
+
+        def make(registry, name):
+            return build(registry.get(name), ov(name), **fields(name))
+
+        # Every component is built once here, so a bad name or value fails before any work.
+        for name in self.overrides:
+            for reg in (DATASETS, MODELS, ATTACKS, DEFENSES):
+                if name in reg:
+                    make(reg, name)
+        tcfg = build(TrainConfig, ov("train"), **dataclasses.asdict(p.train))
+        run = build(RunConfig, ov("run"), defense_data=p.defense_data)
+        datasets = [make(DATASETS, d) for d in (self.datasets or [p.dataset])]
+        models = [make(MODELS, m) for m in (self.models or [p.model])]
+        atks = [make(ATTACKS, a) for a in self.attacks]
+        defs = [make(DEFENSES, d) for d in self.defenses]
+        for ds in datasets:
+            for a in atks:
+                if getattr(a, "target", 0) >= ds.num_classes:
+                    raise BenchError(f"{a.name}.target={a.target} is out of range for {ds.name}; allowed: [0, {ds.num_classes - 1}]")
+        if not self.seeds:
+            raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
+        return [
+            Cell(TrainJob(ds, m, a, tcfg, s), d, run)
+            for ds in datasets for m in models for a in atks for s in self.seeds for d in defs
+        ]
+
+
+# ---------------------------------------------------------------- phase 1: backdoored models
+
+
+def model_dir(job: TrainJob) -> Path:
+    return cache_dir() / "models" / f"{job.dataset.name}-{job.model.name}-{job.attack.name}-s{job.seed}-{job.key}"
+
+
+def train_backdoored(job: TrainJob, data_dir: str | None, device: str, progress: bool = False) -> dict:
+    """Train (or find cached) the backdoored model of ``job``; return its metadata."""
+    out = model_dir(job)
+    if (out / "meta.json").exists():
+        return read_json(out / "meta.json")
+    ds = job.dataset
+    train_set, test_set = ds.load(data_dir)
+    attack = copy.deepcopy(job.attack)
+    attack.prepare(ds.num_classes, ds.channels, ds.size, train_set, job.seed)
+    poisoned = attack.poison(train_set, job.seed)
+    model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
+    stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
+                  hook=attack.train_hook(), progress=progress, desc=f"{ds.name}/{job.model.name}/{job.attack.name}/s{job.seed}")
+    t0 = time.perf_counter()
+    triggered = attack.test_set(test_set)
+    metrics = evaluate(model, test_set, triggered, device=device, bf16=job.train.bf16)
+    meta = {
+        "key": job.key,
+        "metrics": metrics,
+        "train": stats,
+        "eval_seconds": time.perf_counter() - t0,
+        "poisoned": int(len(poisoned.poison_idx)),
+        "config": job_config(job),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_tensors(tmp / "model.safetensors", model.state_dict())
+        save_tensors(tmp / "attack.safetensors", {**attack.state, "poison_idx": poisoned.poison_idx})
+        save_tensors(tmp / "triggered.safetensors", {"x": triggered.x, "y_true": triggered.y_true, "y_target": triggered.y_target})
+        i = int((test_set.y != getattr(attack, "target", -1)).nonzero()[0])  # a clean/triggered pair for the gallery
+        save_tensors(tmp / "example.safetensors", {"clean": test_set.x[i], "triggered": attack.trigger(test_set.x[i:i + 1])[0]})
+        write_json(tmp / "meta.json", meta)
+        try:
+            os.rename(tmp, out)  # atomic: the entry is whole or absent
+        except OSError:  # another worker finished the same job first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return read_json(out / "meta.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def load_backdoored(job: TrainJob, device: str) -> tuple[torch.nn.Module, Attack, torch.Tensor, TriggeredSet]:
+    d = model_dir(job)
+    ds = job.dataset
+    model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
+    model.load_state_dict(load_tensors(d / "model.safetensors"))
+    state = load_tensors(d / "attack.safetensors")
+    poison_idx = state.pop("poison_idx")
+    attack = copy.deepcopy(job.attack)
+    attack.load_state(state)
+    t = load_tensors(d / "triggered.safetensors")
+    return model.to(device).eval(), attack, poison_idx, TriggeredSet(t["x"], t["y_true"], t["y_target"])
+
+
+def job_config(job: TrainJob) -> dict:
+    return {
+        "dataset": {"name": job.dataset.name, **job.dataset.to_dict()},
+        "model": {"name": job.model.name, **job.model.to_dict()},
+        "attack": {"name": job.attack.name, **job.attack.to_dict()},
+        "train": job.train.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------- phase 2: defenses
+
+
+def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoor: dict) -> dict:
+    """Apply the cell's defense to the cached backdoored model; return the record."""
+    job = cell.job
+    ds = job.dataset
+    rec = base_record(cell, preset)
+    rec["backdoor"] = backdoor["metrics"]
+    rec["seconds"]["train"] = backdoor["train"]["seconds"]
+    train_set, test_set = ds.load(data_dir)
+    model, attack, poison_idx, triggered = load_backdoored(job, device)
+    clean = defense_subset(train_set, cell.run.defense_data, seed=job.seed, exclude=poison_idx)
+    ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
+                         device=torch.device(device), bf16=job.train.bf16)
+    t0 = time.perf_counter()
+    result = cell.defense(copy.deepcopy(model), clean, ctx)
+    rec["seconds"]["defense"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rec["metrics"] = evaluate(result.model, test_set, triggered, device=device, bf16=job.train.bf16)
+    rec["info"] = dict(result.info)
+    rec["info"]["defense_images"] = len(clean)
+    if result.sweep is not None and cell.run.sweep:
+        # Oracle view: the whole operating curve on the TEST sets, for plots only; the defense chose before this.
+        curve = []
+        for setting, m in result.sweep():
+            point = evaluate(m, test_set, triggered, device=device, bf16=job.train.bf16)
+            extra = getattr(m, "bench_info", {})
+            curve.append({"threshold": float(setting), **extra, **point})
+        rec["info"]["oracle_curve"] = curve
+    rec["seconds"]["eval"] = time.perf_counter() - t0
+    rec["status"] = "ok"
+    return rec
+
+
+def base_record(cell: Cell, preset: str) -> dict:
+    j = cell.job
+    return {
+        "cell": cell.id,
+        "dataset": j.dataset.name,
+        "model": j.model.name,
+        "attack": j.attack.name,
+        "defense": cell.defense.name,
+        "seed": j.seed,
+        "status": "failed",
+        "error": None,
+        "metrics": None,
+        "backdoor": None,
+        "seconds": {"train": None, "defense": None, "eval": None},
+        "info": {},
+        "config": {
+            "preset": preset,
+            **job_config(j),
+            "defense": {"name": cell.defense.name, **cell.defense.to_dict()},
+            "run": cell.run.to_dict(),
+            "model_key": j.key,
+        },
+        "versions": versions(),
+        "git": git_revision(),
+    }
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("bdbench")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"bdbench": own, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _worker(fn: Callable, threads: int, *args) -> Any:
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def _safe_train(job: TrainJob, data_dir, device, progress) -> tuple[str, dict | None, str | None]:
+    try:
+        return job.key, train_backdoored(job, data_dir, device, progress), None
+    except Exception as exc:
+        return job.key, None, _error(exc)
+
+
+def _safe_cell(cell: Cell, data_dir, device, preset, backdoor) -> dict:
+    try:
+        return run_cell(cell, data_dir, device, preset, backdoor)
+    except Exception as exc:
+        rec = base_record(cell, preset)
+        rec["error"] = _error(exc)
+        return rec
+
+
+def _error(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class RunDir:
+    """One run's folder: ``cells/*.json`` (one per finished cell) and ``records.jsonl``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.cells = self.path / "cells"
+
+    def lock(self):
+        """Hold an exclusive lock for the run; a second concurrent run on the same folder is refused."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise BenchError(f"another bench run is using {self.path}; wait for it or pass a different --out") from None
+        return f
+
+    def finished(self) -> dict[str, dict]:
+        done = {}
+        for p in sorted(self.cells.glob("*.json")):
+            try:
+                rec = read_json(p)
+            except (json.JSONDecodeError, OSError):
+                continue
+            done[rec["cell"]] = rec
+        return done
+
+    def write_cell(self, rec: dict) -> None:
+        write_json(self.cells / f"{rec['cell']}.json", rec)
+
+    def write_records(self, order: Iterable[str] = ()) -> list[dict]:
+        """Regenerate records.jsonl from the cell files: this grid's cells first, in grid order."""
+        done = self.finished()
+        rank = {c: i for i, c in enumerate(order)}
+        recs = sorted(done.values(), key=lambda r: (rank.get(r["cell"], len(rank)), r["cell"]))
+        atomic_write_text(self.path / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+        return recs
+
+
+def run_grid(
+    cells: list[Cell],
+    out: str | os.PathLike,
+    *,
+    preset: str,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    jobs: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Run ``cells`` into ``out``; return this grid's records (finished earlier or now)."""
+    rd = RunDir(out)
+    with rd.lock():
+        order = [c.id for c in cells]
+        done = {k: v for k, v in rd.finished().items() if v.get("status") == "ok"}
+        todo = [c for c in cells if c.id not in done]
+        if len(todo) < len(cells):
+            log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already finished")
+        # Load each dataset once up front: a missing one fails here, before any training, and the
+        # decoded-tensor cache is warm before workers start.
+        for ds in {c.job.dataset for c in todo}:
+            ds.load(data_dir)
+        jobs_by_key = {c.job.key: c.job for c in todo}
+        threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+        backdoors = {}
+        failed_jobs = {}
+        for key, meta, err in _parallel(_safe_train, [(j, data_dir, device, progress and jobs == 1) for j in jobs_by_key.values()],
+                                        jobs, threads):
+            if err is None:
+                backdoors[key] = meta
+                m = meta["metrics"]
+                j = jobs_by_key[key]
+                log(f"backdoored {j.dataset.name}/{j.model.name}/{j.attack.name}/s{j.seed}: "
+                    f"CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  ({meta['train']['seconds']:.0f} s)")
+            else:
+                failed_jobs[key] = err
+                log(f"training failed: {err}")
+        for key, job in jobs_by_key.items():
+            example = rd.path / "examples" / f"{job.dataset.name}-{job.attack.name}.safetensors"
+            if key in backdoors and not example.exists():
+                save_tensors(example, load_tensors(model_dir(job) / "example.safetensors"))
+        ready = []
+        for c in todo:
+            if c.job.key in failed_jobs:
+                rec = base_record(c, preset)
+                rec["error"] = f"training the backdoored model failed: {failed_jobs[c.job.key]}"
+                rd.write_cell(rec)
+            else:
+                ready.append(c)
+        rd.write_records(order)
+        for rec in _parallel(_safe_cell, [(c, data_dir, device, preset, backdoors[c.job.key]) for c in ready], jobs, threads):
+            rd.write_cell(rec)
+            rd.write_records(order)
+            if rec["status"] == "ok":
+                m = rec["metrics"]
+                log(f"{rec['cell']}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "
+                    f"(defense {rec['seconds']['defense']:.1f} s)")
+            else:
+                log(f"{rec['cell']}: FAILED {rec['error']}")
+        recs = rd.write_records(order)
+    wanted = set(order)
+    return [r for r in recs if r["cell"] in wanted]
+
+
+def _parallel(fn: Callable, arglist: list[tuple], jobs: int, threads: int):
+    """Yield ``fn(*args)`` for each args, in completion order; in-process when ``jobs == 1``."""
+    if jobs <= 1 or len(arglist) <= 1:
+        for args in arglist:
+            yield fn(*args)
+        return
+    from joblib import Parallel, delayed
+
+    par = Parallel(n_jobs=min(jobs, len(arglist)), backend="loky", return_as="generator_unordered")
+    yield from par(delayed(_worker)(fn, threads, *args) for args in arglist)

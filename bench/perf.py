@@ -1,0 +1,275 @@
+"""``bench perf``: how fast the pieces are on this machine, measured in one run.
+
+- ``augment_speedup``: images per second of ``bench.data.augment`` (random crop with
+  4 pixels of padding and a horizontal flip, on whole uint8 batches of 256) divided by
+  the per-sample torchvision pipeline that does the same (``RandomCrop(32, padding=4)``,
+  ``RandomHorizontalFlip``, ``PILToTensor`` over PIL images, through a ``DataLoader``
+  with ``num_workers=0`` and batch 256), on the same number of images.
+- ``matmul_gflops``: the best of a few large square matmuls, fp32, and bf16 where the
+  device runs bf16 natively (``bench.train.bf16_supported``).
+- ``train_peak_fraction``: per model, images per second of ``bench.train.train`` over a
+  few steps on synthetic images (batch 128), times 3x the forward FLOPs per image
+  (conv and linear MACs counted by forward hooks, 2 FLOPs each; a training step is
+  about 3 forward passes), over the matmul peak of the dtype the trainer uses.
+- ``rnp_seconds``: the RNP defense with its defaults on a demo-scale model (smallcnn
+  width 16, trained briefly on synthetic data) and 100 clean images.
+
+No timing is asserted anywhere: these are measurements to read, not tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bench.data import Augmentation, ImageSet, augment
+from bench.train import TrainConfig, bf16_supported, train
+
+PERF_MODELS: dict[str, tuple[str, dict]] = {
+    "smallcnn-w16": ("smallcnn", {"width": 16}),
+    "smallcnn-w32": ("smallcnn", {"width": 32}),
+    "resnet18-w8": ("resnet18", {"width": 8}),
+    "resnet18-w16": ("resnet18", {"width": 16}),
+}
+
+QUICK_RNP = {"unlearn_epochs": 2, "unlearn_milestones": (), "recover_epochs": 2}
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
+    """Forward FLOPs of one input of shape ``input_shape`` (no batch dim): 2 x conv and linear MACs.
+
+    MACs come from forward hooks: a convolution does ``out.numel() * in_channels / groups
+    * prod(kernel_size)`` of them (bias, BatchNorm, activations and pooling are not
+    counted), a transposed one ``in.numel() * out_channels / groups * prod(kernel_size)``,
+    a linear layer ``out.numel() * in_features``. The model's mode is restored.
+    """
+    macs = 0
+
+    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        nonlocal macs
+        k = 1
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            for s in mod.kernel_size:
+                k *= s
+            macs += inp[0].numel() * (mod.out_channels // mod.groups) * k
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            for s in mod.kernel_size:
+                k *= s
+            macs += out.numel() * (mod.in_channels // mod.groups) * k
+        elif isinstance(mod, nn.Linear):
+            macs += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return 2 * macs
+
+
+# ---------------------------------------------------------------- timing helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def augment_throughput(n: int, device: torch.device, batch: int = 256, size: int = 32) -> dict[str, float]:
+    """Images per second of ``bench.data.augment`` and of the torchvision/PIL pipeline on ``n`` images."""
+    from PIL import Image
+    from torchvision import transforms
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    aug = Augmentation(pad=4, flip=True)
+
+    xd = x.to(device)
+    augment(xd[:batch], aug, gen)  # warm-up
+
+    def ours() -> None:
+        for i in range(0, n, batch):
+            augment(xd[i:i + batch], aug, gen)
+
+    t_ours = _best_seconds(ours, 2, device)
+
+    images = [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).numpy()]
+    tf = transforms.Compose([transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+
+    class PILSet(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(images)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return tf(images[i])
+
+    loader = torch.utils.data.DataLoader(PILSet(), batch_size=batch, shuffle=False, num_workers=0)
+
+    def theirs() -> None:
+        for _ in loader:
+            pass
+
+    with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from the global RNG
+        torch.manual_seed(0)
+        t_theirs = _best_seconds(theirs, 1, torch.device("cpu"))
+    return {"bench": n / t_ours, "torchvision": n / t_theirs}
+
+
+def matmul_peak(device: torch.device, n: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of an ``n x n`` matmul, best of ``repeats``: fp32, and bf16 where it is native."""
+    dtypes = {"fp32": torch.float32}
+    if bf16_supported(device):
+        dtypes["bf16"] = torch.bfloat16
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for name, dt in dtypes.items():
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dt)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dt)
+        a @ b  # warm-up
+        out[name] = 2 * n**3 / _best_seconds(lambda: a @ b, repeats, device) / 1e9
+    return out
+
+
+def train_throughput(name: str, model_name: str, kw: dict, *, steps: int, batch: int, device: torch.device) -> dict[str, float]:
+    """Training images per second of ``bench.train.train`` and forward FLOPs per image of one model."""
+    from bench.models import MODELS
+
+    model = MODELS.get(model_name)(**kw).build(10, 3, (0.5,) * 3, (0.25,) * 3, seed=0)
+    fwd = count_flops(model, (3, 32, 32))
+    gen = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (batch * steps, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                    torch.randint(0, 10, (batch * steps,), generator=gen))
+    aug = Augmentation(pad=4, flip=True)
+    cfg = TrainConfig(epochs=1, batch_size=batch, schedule="constant", lr=0.01)
+    warm = ImageSet(data.x[: 2 * batch], data.y[: 2 * batch])
+    train(model, warm, cfg, aug, seed=0, device=device)  # warm-up: kernel selection, allocator
+    _sync(device)
+    stats = train(model, data, cfg, aug, seed=1, device=device)
+    _sync(device)
+    return {"img_per_s": stats["img_per_s"], "fwd_flops": float(fwd)}
+
+
+def rnp_time(device: torch.device, quick: bool) -> float | None:
+    """Seconds of the RNP defense with its defaults on a demo-scale model; None if RNP is not registered."""
+    from bench.data import Synthetic, defense_subset
+    from bench.models import MODELS
+    from defenses import DEFENSES, DefenseContext
+
+    if "rnp" not in DEFENSES:
+        return None
+    ds = Synthetic(n_train=256 if quick else 2000, n_test=10)
+    train_set, _ = ds.load()
+    model = MODELS.get("smallcnn")(width=16).build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=0)
+    # A trained model, so that RNP's unlearning has accuracy to remove (it stops at <= 20%).
+    train(model, train_set, TrainConfig(epochs=1 if quick else 3), ds.augmentation, seed=0, device=device)
+    clean = defense_subset(train_set, 100, seed=0)
+    cls = DEFENSES.get("rnp")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    # quick: two epochs of each phase instead of the paper's twenty (only the fields RNP has)
+    defense = cls(**{k: v for k, v in QUICK_RNP.items() if k in fields}) if quick else cls()
+    ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=0, device=device)
+    model = copy.deepcopy(model)
+    _sync(device)
+    t0 = time.perf_counter()
+    defense(model, clean, ctx)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run_perf(quick: bool = False, device: torch.device | str | None = None) -> dict:
+    """Measure everything; ``quick`` shrinks every measurement (for tests). ``device``: default cuda if available.
+
+    Returns a dict: ``device``, ``torch``, ``quick``, ``augment_img_per_s`` ({bench,
+    torchvision}), ``augment_speedup``, ``matmul_gflops`` ({fp32[, bf16]}), ``train_dtype``,
+    ``train`` ({model: {img_per_s, fwd_flops, gflops}}), ``train_peak_fraction``
+    ({model: fraction}), ``rnp_seconds`` (None when RNP is not registered), ``total_seconds``.
+    """
+    t_start = time.perf_counter()
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    res: dict[str, Any] = {"device": _device_name(device), "torch": torch.__version__, "quick": quick}
+
+    aug = augment_throughput(512 if quick else 20480, device)
+    res["augment_img_per_s"] = aug
+    res["augment_speedup"] = aug["bench"] / aug["torchvision"]
+
+    res["matmul_gflops"] = peak = matmul_peak(device, 256 if quick else 2048, 2 if quick else 5)
+
+    cfg = TrainConfig()
+    dtype = "bf16" if cfg.bf16 and bf16_supported(device) else "fp32"
+    res["train_dtype"] = dtype
+    res["train"], res["train_peak_fraction"] = {}, {}
+    for name, (model_name, kw) in PERF_MODELS.items():
+        t = train_throughput(name, model_name, kw, steps=1 if quick else 8, batch=32 if quick else 128, device=device)
+        t["gflops"] = 3 * t["fwd_flops"] * t["img_per_s"] / 1e9
+        res["train"][name] = t
+        res["train_peak_fraction"][name] = t["gflops"] / peak[dtype]
+
+    res["rnp_seconds"] = rnp_time(device, quick)
+    res["total_seconds"] = time.perf_counter() - t_start
+    return res
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of a ``run_perf`` result."""
+    a = result["augment_img_per_s"]
+    lines = [f"bdbench perf on {result['device']}, torch {result['torch']}" + (" (quick)" if result.get("quick") else ""), ""]
+    lines.append("augmentation (crop pad 4 + flip, 32x32)")
+    lines.append(f"  {'bench.data.augment (batched)':<34}{a['bench']:>14,.0f} img/s")
+    lines.append(f"  {'torchvision + PIL (DataLoader)':<34}{a['torchvision']:>14,.0f} img/s")
+    lines.append(f"  {'speedup':<34}{result['augment_speedup']:>14.1f} x")
+    lines.append("")
+    lines.append("matmul peak")
+    for k, v in result["matmul_gflops"].items():
+        lines.append(f"  {k:<34}{v:>14,.1f} GFLOP/s")
+    lines.append("")
+    lines.append(f"training ({result['train_dtype']}; effective GFLOP/s = 3 x forward FLOPs x img/s)")
+    lines.append(f"  {'model':<16}{'img/s':>10}{'fwd MFLOP/img':>15}{'GFLOP/s':>10}{'of peak':>10}")
+    for name, t in result["train"].items():
+        frac = result["train_peak_fraction"][name]
+        lines.append(f"  {name:<16}{t['img_per_s']:>10,.0f}{t['fwd_flops'] / 1e6:>15,.1f}{t['gflops']:>10,.1f}{frac:>10.1%}")
+    lines.append("")
+    lines.append("seconds")
+    rnp = result.get("rnp_seconds")
+    lines.append(f"  {'rnp defense (smallcnn w16, 100 images)':<34}" + (f"{rnp:>14.2f} s" if rnp is not None else f"{'not registered':>14}"))
+    lines.append(f"  {'total':<34}{result['total_seconds']:>14.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""The command line: one-line errors before any work, an end-to-end tiny run, exit codes."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bench.cli import main
+
+TINY = ["--set", "synthetic.n_train=300", "--set", "synthetic.n_test=100", "--set", "smallcnn.width=4",
+        "--set", "train.epochs=1", "--set", "run.defense_data=40", "--quiet"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attack", "badnet"], "unknown attack 'badnet' (did you mean badnets"),
+    (["--defense", "rnpp"], "unknown defense 'rnpp' (did you mean rnp"),
+    (["--dataset", "cifar100"], "unknown dataset 'cifar100' (did you mean cifar10?)"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--preset", "fast"], "unknown preset 'fast'; allowed: demo, quick, paper"),
+    (["--seeds", "a,b"], "--seeds 'a,b' is not a list of integers"),
+    (["--jobs", "0"], "--jobs 0 must be >= 1"),
+    (["--set", "rnp.clean_threshold=1.5"], "rnp.clean_threshold=1.5 is out of range; allowed: [0, 1]"),
+    (["--set", "rnp.clean_thresh=0.3"], "rnp has no field 'clean_thresh'"),
+    (["--set", "badnets.poison_rate=lots"], "badnets.poison_rate='lots' is not a valid float"),
+    (["--set", "badnets.target=10"], "badnets.target=10 is out of range for synthetic; allowed: [0, 9]"),
+    (["--set", "badnets.label_mode=one2one"], "badnets.label_mode='one2one' is not allowed; choose one of: all2one, all2all"),
+    (["--set", "nosuch.x=1"], "--set names unknown component 'nosuch'"),
+    (["--set", "train.epochs"], "--set 'train.epochs' is malformed"),
+    (["--set", "train.schedule=linear"], "train.schedule='linear' is not allowed"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, args, message):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", "--preset", "demo", "--out", str(out), *args])
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()  # nothing was started
+
+
+def test_missing_real_dataset_names_the_folder_and_the_fix(tmp_path):
+    res = CliRunner().invoke(main, ["run", "--preset", "quick", "--attack", "badnets", "--data-dir", str(tmp_path),
+                                    "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2
+    assert f"GTSRB not found under {tmp_path}" in res.output and "--preset demo" in res.output
+
+
+def test_list_shows_every_entry_with_description():
+    from attacks import ATTACKS
+    from defenses import DEFENSES
+
+    for what, reg in (("attacks", ATTACKS), ("defenses", DEFENSES)):
+        res = CliRunner().invoke(main, ["list", what])
+        assert res.exit_code == 0
+        for name, cls in reg.items():
+            assert any(l.startswith(name) and cls.description in l for l in res.output.splitlines())
+    res = CliRunner().invoke(main, ["list", "defenses", "--fields"])
+    assert "rnp.clean_threshold (float) = 0.2" in res.output
+
+
+def test_tiny_run_end_to_end_and_report_regenerates(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--defense", "none", "--preset", "demo", "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert [(r["attack"], r["defense"], r["status"]) for r in recs] == [("badnets", "none", "ok")]
+    assert "| badnets" in res.output  # the Markdown table is printed at the end
+    report = out / "report"
+    for name in ("table.md", "table.csv", "table.tex"):
+        (report / name).unlink()
+    res = CliRunner().invoke(main, ["report", str(out)])
+    assert res.exit_code == 0 and (report / "table.md").exists() and (report / "table.tex").exists()
+
+
+def test_default_preset_is_printed(monkeypatch):
+    import bench.cli as cli
+
+    monkeypatch.setattr(cli, "_device", lambda v: "cpu")
+    res = CliRunner().invoke(main, ["run", "--attack", "nosuch"])
+    assert "no --preset given: using 'quick' (no CUDA device)" in res.output
+
+
+def test_failed_cell_gives_nonzero_exit(tmp_path, monkeypatch):
+    import bench.grid as grid
+
+    real = grid.run_cell
+
+    def flaky(cell, *a, **k):
+        if cell.defense.name == "none":
+            raise RuntimeError("injected failure")
+        return real(cell, *a, **k)
+
+    monkeypatch.setattr(grid, "run_cell", flaky)
+    res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--defense", "none", "--preset", "demo",
+                                    "--out", str(tmp_path / "run"), *TINY])
+    assert res.exit_code == 1
+    assert "RuntimeError: injected failure" in (tmp_path / "run" / "records.jsonl").read_text()

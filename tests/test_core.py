@@ -1,0 +1,165 @@
+"""Registries, typed configs and overrides, data, models, trainer: the shared core."""
+
+import dataclasses
+from typing import Literal
+
+import pytest
+import torch
+
+from attacks import ATTACKS
+from bench.config import Config, build, param, parse_sets
+from bench.data import DATASETS, Augmentation, ImageSet, augment, defense_subset
+from bench.models import MODELS
+from bench.registry import BenchError, Registry
+from bench.train import TrainConfig, accuracy, predict, train
+from defenses import DEFENSES
+
+ALL = [("attack", ATTACKS), ("defense", DEFENSES), ("dataset", DATASETS), ("model", MODELS)]
+
+
+def test_registry_refuses_duplicates_and_lists_names_on_a_miss():
+    reg = Registry("thing")
+    reg.register("alpha")(type("A", (), {}))
+    with pytest.raises(BenchError, match="already registered"):
+        reg.register("alpha")(type("B", (), {}))
+    with pytest.raises(BenchError, match=r"unknown thing 'alpah' \(did you mean alpha\?\); known: alpha"):
+        reg.get("alpah")
+
+
+def test_broken_plugin_is_reported_not_fatal(monkeypatch):
+    from importlib import metadata
+
+    class EP:
+        name = "broken"
+
+        def load(self):
+            raise ImportError("no module named nowhere")
+
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [EP()])
+    reg = Registry("attack", entry_point_group="bdbench.attacks")
+    reg.register("fine")(type("F", (), {}))
+    assert reg.names() == ["fine"]
+    assert "ImportError" in reg.plugin_errors["broken"]
+    with pytest.raises(BenchError, match="plugin 'broken' failed to load"):
+        reg.get("broken")
+
+
+@pytest.mark.parametrize("kind,reg", ALL, ids=[k for k, _ in ALL])
+def test_every_registered_component_is_a_documented_valid_config(kind, reg):
+    assert reg.names(), f"no {kind} registered"
+    for name, cls in reg.items():
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name
+        assert isinstance(cls.description, str) and cls.description, name
+        if kind in ("attack", "defense"):
+            assert isinstance(cls.paper, str) and __import__(cls.__module__, fromlist=["x"]).__doc__, name
+            assert cls.paper or name == "none", f"{name} cites no paper"
+        obj = cls()  # defaults are valid
+        assert obj.to_dict() == build(cls).to_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy(Config):
+    name = "toy"
+    rate: float = param(0.1, low=0.0, high=1.0)
+    steps: int = param(3, low=1)
+    mode: Literal["a", "b"] = "a"
+    flag: bool = False
+    sizes: tuple[int, ...] = (1, 2)
+
+
+def test_overrides_are_typed_and_validated():
+    t = build(Toy, {"rate": "0.5", "steps": "7", "mode": "b", "flag": "true", "sizes": "3,4"})
+    assert (t.rate, t.steps, t.mode, t.flag, t.sizes) == (0.5, 7, "b", True, (3, 4))
+    with pytest.raises(BenchError, match=r"toy.rate=1.5 is out of range; allowed: \[0, 1\]"):
+        build(Toy, {"rate": "1.5"})
+    with pytest.raises(BenchError, match="toy.mode='c' is not allowed; choose one of: a, b"):
+        build(Toy, {"mode": "c"})
+    with pytest.raises(BenchError, match="toy has no field 'rat'; fields: flag, mode, rate, sizes, steps"):
+        build(Toy, {"rat": "1"})
+    with pytest.raises(BenchError, match="toy.steps='many' is not a valid int"):
+        build(Toy, {"steps": "many"})
+    assert parse_sets(["rnp.clean_threshold=0.3", "train.epochs=2"]) == {"rnp": {"clean_threshold": "0.3"}, "train": {"epochs": "2"}}
+    with pytest.raises(BenchError, match="malformed"):
+        parse_sets(["rnp=0.3"])
+
+
+def test_synthetic_is_deterministic_balanced_and_seeded():
+    a, _ = DATASETS.get("synthetic")(n_train=200, n_test=50).load()
+    b, _ = DATASETS.get("synthetic")(n_train=200, n_test=50).load()
+    c, _ = DATASETS.get("synthetic")(n_train=200, n_test=50, seed=1).load()
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert not torch.equal(a.x, c.x)
+    assert a.x.dtype == torch.uint8 and a.x.shape == (200, 3, 32, 32)
+    assert torch.bincount(a.y).tolist() == [20] * 10
+
+
+def test_augment_crops_and_flips_whole_batches():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4).repeat(64, 1, 1, 1)
+    out = augment(x, Augmentation(pad=1, flip=False), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    # every output is a shifted window of its zero-padded input
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(len(x)):
+        assert any(torch.equal(out[i], padded[i, :, dy:dy + 4, dx:dx + 4]) for dy in range(3) for dx in range(3))
+    assert not torch.equal(out, x)  # 128 images, 9 offsets: some moved
+    flipped = augment(x, Augmentation(pad=0, flip=True), torch.Generator().manual_seed(0))
+    is_flip = [torch.equal(flipped[i], x[i].flip(-1)) for i in range(len(x))]
+    assert 0 < sum(is_flip) < len(x)
+    assert all(f or torch.equal(flipped[i], x[i]) for i, f in enumerate(is_flip))
+
+
+def test_no_horizontal_flip_for_traffic_signs_and_digits():
+    assert DATASETS.get("gtsrb").augmentation.flip is False
+    assert DATASETS.get("mnist").augmentation.flip is False
+
+
+def test_defense_subset_is_clean_seeded_and_sized():
+    train = ImageSet(torch.zeros(100, 1, 4, 4, dtype=torch.uint8), torch.arange(100))
+    exclude = torch.arange(0, 100, 2)
+    sub = defense_subset(train, 0.1, seed=3, exclude=exclude)
+    assert len(sub) == 10 and (sub.y % 2 == 1).all()
+    assert torch.equal(sub.y, defense_subset(train, 10, seed=3, exclude=exclude).y)
+    assert not torch.equal(sub.y, defense_subset(train, 10, seed=4, exclude=exclude).y)
+    with pytest.raises(BenchError, match="allowed: 1..50"):
+        defense_subset(train, 60, seed=0, exclude=exclude)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("channels,size,classes", [(3, 32, 10), (1, 28, 43)])
+def test_models_take_any_classes_and_channels(name, channels, size, classes):
+    m = MODELS.get(name)(width=4).build(classes, channels, (0.5,) * channels, (0.25,) * channels, seed=0)
+    same = MODELS.get(name)(width=4).build(classes, channels, (0.5,) * channels, (0.25,) * channels, seed=0)
+    other = MODELS.get(name)(width=4).build(classes, channels, (0.5,) * channels, (0.25,) * channels, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), same.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), other.state_dict().values()))
+    assert m(torch.rand(2, channels, size, size)).shape == (2, classes)
+
+
+def test_training_learns_and_is_reproducible_on_cpu():
+    train_set, test_set = DATASETS.get("synthetic")(n_train=600, n_test=200).load()
+    spec = MODELS.get("smallcnn")(width=8)
+    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.1)
+    runs = []
+    for _ in range(2):
+        m = spec.build(10, 3, (0.5,) * 3, (0.29,) * 3, seed=1)
+        stats = train(m, train_set, cfg, Augmentation(4, True), seed=5)
+        runs.append((m, stats))
+    (m1, s1), (m2, _) = runs
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert accuracy(m1, test_set) > 0.3  # chance is 0.1
+    assert s1["img_per_s"] > 0 and set(s1) >= {"seconds", "loss", "train_acc"}
+    assert predict(m1, test_set.x[:5]).shape == (5,)
+
+
+def test_train_hook_sees_every_batch():
+    train_set, _ = DATASETS.get("synthetic")(n_train=256, n_test=10).load()
+    calls = []
+
+    def hook(x, y, gen):
+        calls.append(len(x))
+        return x, torch.zeros_like(y)
+
+    m = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.29,) * 3)
+    stats = train(m, train_set, TrainConfig(epochs=2, batch_size=64), Augmentation(0, False), seed=0, hook=hook)
+    assert calls == [64] * 8
+    assert stats["train_acc"] > 0.9  # every label was rewritten to 0 by the hook: easy to fit

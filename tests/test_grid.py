@@ -1,0 +1,153 @@
+"""Grid runner and store: resume, isolation of failing cells, atomic records, safetensors only."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import store
+from bench.grid import Cell, GridSpec, RunDir, model_dir, run_grid
+from defenses.base import Defense, DefenseResult
+
+TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
+        "run": {"defense_data": "40"}}
+
+CALLS: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Counting(Defense):
+    name = "counting"
+    description = "test-only: returns the model, counts calls"
+    paper = "-"
+
+    def __call__(self, model, clean, ctx):
+        CALLS.append(f"n={len(clean)}")
+        return DefenseResult(model, {"seen": len(clean)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Boom(Defense):
+    name = "boom"
+    description = "test-only: always fails"
+    paper = "-"
+
+    def __call__(self, model, clean, ctx):
+        raise RuntimeError("kaboom")
+
+
+def cells_with(defenses, seeds=(0,)):
+    base = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", seeds=list(seeds), overrides=TINY).resolve()
+    return [dataclasses.replace(c, defense=d) for c in base for d in defenses]
+
+
+def test_resume_skips_finished_cells_and_reuses_cached_models(tmp_path, monkeypatch):
+    import bench.grid as grid
+
+    trained = []
+    real_train = grid.train
+    monkeypatch.setattr(grid, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    CALLS.clear()
+    cells = cells_with([Counting()], seeds=(0, 1))
+    recs = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
+    assert [r["status"] for r in recs] == ["ok", "ok"] and len(CALLS) == 2 and len(trained) == 2
+    assert all(r["info"]["seen"] == 40 for r in recs)
+    before = (tmp_path / "run" / "records.jsonl").read_text()
+    recs2 = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
+    assert len(CALLS) == 2 and len(trained) == 2  # nothing ran again
+    assert (tmp_path / "run" / "records.jsonl").read_text() == before and recs2 == recs
+    # A new defense on the same grid trains nothing: the backdoored models come from the cache.
+    run_grid(cells_with([Boom()], seeds=(0, 1)), tmp_path / "run2", preset="demo", progress=False, log=lambda m: None)
+    assert len(trained) == 2
+
+
+def test_failing_cell_is_recorded_and_the_rest_finish(tmp_path):
+    cells = cells_with([Boom(), Counting()])
+    recs = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
+    by_def = {r["defense"]: r for r in recs}
+    assert by_def["boom"]["status"] == "failed" and "RuntimeError: kaboom" in by_def["boom"]["error"]
+    assert by_def["counting"]["status"] == "ok" and 0 <= by_def["counting"]["metrics"]["ca"] <= 1
+    lines = (tmp_path / "run" / "records.jsonl").read_text().splitlines()
+    assert sorted(json.loads(l)["defense"] for l in lines) == ["boom", "counting"]
+    # A failed cell is tried again on rerun (and fails again, still recorded once).
+    recs = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
+    assert len((tmp_path / "run" / "records.jsonl").read_text().splitlines()) == 2
+
+
+def test_record_has_the_documented_fields(tmp_path):
+    (rec,) = run_grid(cells_with([Counting()]), tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
+    for key in ("dataset", "model", "attack", "defense", "seed", "status", "error", "metrics", "seconds", "info", "config",
+                "versions", "git", "backdoor"):
+        assert key in rec
+    assert set(rec["metrics"]) == {"ca", "asr", "ra"} and all(0 <= v <= 1 for v in rec["metrics"].values())
+    assert set(rec["seconds"]) == {"train", "defense", "eval"}
+    assert rec["config"]["attack"]["poison_rate"] == 0.1 and rec["config"]["train"]["epochs"] == 1
+    assert rec["versions"]["torch"] == torch.__version__
+
+
+def test_cache_holds_safetensors_and_json_only(tmp_path):
+    (cell,) = cells_with([Counting()])
+    run_grid([cell], tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
+    files = sorted(p.name for p in model_dir(cell.job).iterdir())
+    assert files == ["attack.safetensors", "example.safetensors", "meta.json", "model.safetensors", "triggered.safetensors"]
+
+
+def test_different_configs_get_different_cache_keys():
+    a = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=TINY).resolve()[0].job
+    b = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo",
+                 overrides={**TINY, "badnets": {"poison_rate": "0.05"}}).resolve()[0].job
+    c = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", seeds=[1], overrides=TINY).resolve()[0].job
+    assert len({a.key, b.key, c.key}) == 3
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "records.jsonl"
+    store.atomic_write_text(path, "old\n")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        store.atomic_write_text(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["records.jsonl"]  # no temp file left behind
+
+
+def test_concurrent_run_on_the_same_folder_is_refused(tmp_path):
+    from bench.registry import BenchError
+
+    rd = RunDir(tmp_path / "run")
+    with rd.lock():
+        with pytest.raises(BenchError, match="another bench run is using"):
+            RunDir(tmp_path / "run").lock()
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_completes_on_rerun(tmp_path):
+    """Kill a real `bench run` at several moments; the rerun finishes, and records are whole and unique."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sets = [f"--set={c}.{k}={v}" for c, kv in TINY.items() for k, v in kv.items()]
+    cmd = [sys.executable, "-m", "bench.cli", "run", "--attack", "badnets,blend", "--defense", "none", "--preset", "demo",
+           "--seeds", "0,1", "--out", str(out), "--quiet", *sets]
+    for delay in (2.5, 4.0, 5.5, 7.0):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        records = out / "records.jsonl"
+        if records.exists():  # whatever moment it died at, the file parses
+            [json.loads(line) for line in records.read_text().splitlines()]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["cell"] for r in recs) == sorted({r["cell"] for r in recs}) and len(recs) == 4
+    assert all(r["status"] == "ok" for r in recs)
