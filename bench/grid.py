@@ -240,10 +240,9 @@ def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoo
     if result.sweep is not None and cell.run.sweep:
         # Oracle view: the whole operating curve on the TEST sets, for plots only; the defense chose before this.
         curve = []
-        for setting, m in result.sweep():
+        for setting, m, *extra in result.sweep():  # (setting, model) or (setting, model, {facts})
             point = evaluate(m, test_set, triggered, device=device, bf16=job.train.bf16)
-            extra = getattr(m, "bench_info", {})
-            curve.append({"threshold": float(setting), **extra, **point})
+            curve.append({"threshold": float(setting), **(extra[0] if extra else {}), **point})
         rec["info"]["oracle_curve"] = curve
     rec["seconds"]["eval"] = time.perf_counter() - t0
     rec["status"] = "ok"

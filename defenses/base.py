@@ -6,8 +6,8 @@ backdoored model and the clean defense subset, and nothing else: no test set, no
 poisoned training data, no trigger, no target label. Any choice it makes (a pruning
 threshold, how many channels) comes from the defense data alone.
 
-A defense may also return ``sweep``: a callable yielding ``(setting, model)`` over its
-whole operating curve (RNP: every pruning threshold). The harness evaluates it on
+A defense may also return ``sweep``: a callable yielding ``(setting, model)`` or
+``(setting, model, facts_dict)`` over its whole operating curve (RNP: every pruning threshold). The harness evaluates it on
 the test sets after the fact, for plots labelled as an oracle view; it never feeds
 back into the defense's choice.
 """
@@ -43,7 +43,7 @@ class DefenseContext:
 class DefenseResult:
     model: nn.Module
     info: dict = field(default_factory=dict)  # JSON-able facts: what was pruned, epochs, ...
-    sweep: Optional[Callable[[], Iterator[tuple[float, nn.Module]]]] = None
+    sweep: Optional[Callable[[], Iterator[tuple]]] = None  # yields (setting, model[, facts])
 
 
 @dataclass(frozen=True)
