@@ -14,13 +14,18 @@
 - ``rnp_seconds``: the RNP defense with its defaults on a demo-scale model (smallcnn
   width 16, trained briefly on synthetic data) and 100 clean images.
 
-No timing is asserted anywhere: these are measurements to read, not tests.
+Everything runs on one device: CUDA when there is one, else the CPU (the torchvision
+pipeline always runs on the CPU, as it would in a DataLoader). ``quick=True`` shrinks
+everything (a few hundred images, one training step of batch 16 without warm-up, a
+256 matmul, RNP with 2 unlearning and 2 recovering epochs): it checks the code path,
+its numbers are not worth reading. No timing is asserted anywhere.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import platform
 import time
 from typing import Any, Callable
@@ -109,7 +114,8 @@ def _device_name(device: torch.device) -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({cpu}, {n} thread{'' if n == 1 else 's'})"
 
 
 # ---------------------------------------------------------------- the measurements
@@ -170,7 +176,8 @@ def matmul_peak(device: torch.device, n: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def train_throughput(name: str, model_name: str, kw: dict, *, steps: int, batch: int, device: torch.device) -> dict[str, float]:
+def train_throughput(model_name: str, kw: dict, *, steps: int, batch: int, device: torch.device,
+                     warmup: bool = True) -> dict[str, float]:
     """Training images per second of ``bench.train.train`` and forward FLOPs per image of one model."""
     from bench.models import MODELS
 
@@ -181,8 +188,8 @@ def train_throughput(name: str, model_name: str, kw: dict, *, steps: int, batch:
                     torch.randint(0, 10, (batch * steps,), generator=gen))
     aug = Augmentation(pad=4, flip=True)
     cfg = TrainConfig(epochs=1, batch_size=batch, schedule="constant", lr=0.01)
-    warm = ImageSet(data.x[: 2 * batch], data.y[: 2 * batch])
-    train(model, warm, cfg, aug, seed=0, device=device)  # warm-up: kernel selection, allocator
+    if warmup:  # kernel selection, allocator
+        train(model, ImageSet(data.x[: 2 * batch], data.y[: 2 * batch]), cfg, aug, seed=0, device=device)
     _sync(device)
     stats = train(model, data, cfg, aug, seed=1, device=device)
     _sync(device)
@@ -197,7 +204,7 @@ def rnp_time(device: torch.device, quick: bool) -> float | None:
 
     if "rnp" not in DEFENSES:
         return None
-    ds = Synthetic(n_train=256 if quick else 2000, n_test=10)
+    ds = Synthetic(n_train=128 if quick else 2000, n_test=10)
     train_set, _ = ds.load()
     model = MODELS.get("smallcnn")(width=16).build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=0)
     # A trained model, so that RNP's unlearning has accuracy to remove (it stops at <= 20%).
@@ -222,31 +229,46 @@ def run_perf(quick: bool = False, device: torch.device | str | None = None) -> d
     Returns a dict: ``device``, ``torch``, ``quick``, ``augment_img_per_s`` ({bench,
     torchvision}), ``augment_speedup``, ``matmul_gflops`` ({fp32[, bf16]}), ``train_dtype``,
     ``train`` ({model: {img_per_s, fwd_flops, gflops}}), ``train_peak_fraction``
-    ({model: fraction}), ``rnp_seconds`` (None when RNP is not registered), ``total_seconds``.
+    ({model: fraction}), ``rnp_seconds`` (None when RNP is not registered), ``total_seconds``,
+    ``matmul_size``, ``cpus``, and the 1-minute load average ``load_before`` / ``load_after``
+    (``format_table`` warns when other processes competed for the CPU).
     """
     t_start = time.perf_counter()
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    res: dict[str, Any] = {"device": _device_name(device), "torch": torch.__version__, "quick": quick}
+    res: dict[str, Any] = {"device": _device_name(device), "torch": torch.__version__, "quick": quick,
+                           "load_before": _load(), "cpus": os.cpu_count()}
 
     aug = augment_throughput(512 if quick else 20480, device)
     res["augment_img_per_s"] = aug
     res["augment_speedup"] = aug["bench"] / aug["torchvision"]
 
-    res["matmul_gflops"] = peak = matmul_peak(device, 256 if quick else 2048, 2 if quick else 5)
+    n = 256 if quick else (8192 if device.type == "cuda" else 2048)  # big enough to reach the device's peak
+    res["matmul_gflops"] = peak = matmul_peak(device, n, 2 if quick else 5)
+    res["matmul_size"] = n
 
     cfg = TrainConfig()
     dtype = "bf16" if cfg.bf16 and bf16_supported(device) else "fp32"
     res["train_dtype"] = dtype
     res["train"], res["train_peak_fraction"] = {}, {}
     for name, (model_name, kw) in PERF_MODELS.items():
-        t = train_throughput(name, model_name, kw, steps=1 if quick else 8, batch=32 if quick else 128, device=device)
+        t = train_throughput(model_name, kw, steps=1 if quick else 8, batch=16 if quick else 128, device=device,
+                             warmup=not quick)
         t["gflops"] = 3 * t["fwd_flops"] * t["img_per_s"] / 1e9
         res["train"][name] = t
         res["train_peak_fraction"][name] = t["gflops"] / peak[dtype]
 
     res["rnp_seconds"] = rnp_time(device, quick)
     res["total_seconds"] = time.perf_counter() - t_start
+    res["load_after"] = _load()
     return res
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def format_table(result: dict) -> str:
@@ -258,7 +280,7 @@ def format_table(result: dict) -> str:
     lines.append(f"  {'torchvision + PIL (DataLoader)':<34}{a['torchvision']:>14,.0f} img/s")
     lines.append(f"  {'speedup':<34}{result['augment_speedup']:>14.1f} x")
     lines.append("")
-    lines.append("matmul peak")
+    lines.append(f"matmul peak ({result.get('matmul_size', '?')} x {result.get('matmul_size', '?')}, best of a few)")
     for k, v in result["matmul_gflops"].items():
         lines.append(f"  {k:<34}{v:>14,.1f} GFLOP/s")
     lines.append("")
@@ -272,4 +294,8 @@ def format_table(result: dict) -> str:
     rnp = result.get("rnp_seconds")
     lines.append(f"  {'rnp defense (smallcnn w16, 100 images)':<34}" + (f"{rnp:>14.2f} s" if rnp is not None else f"{'not registered':>14}"))
     lines.append(f"  {'total':<34}{result['total_seconds']:>14.1f} s")
+    busy = [x for x in (result.get("load_before"), result.get("load_after")) if x is not None]
+    if busy and result.get("cpus") and max(busy) > 0.75 * result["cpus"]:
+        lines += ["", f"warning: load average {max(busy):.1f} on {result['cpus']} CPUs: other processes competed for the CPU, "
+                      "so these timings are low and noisy (CPU threads that wait on each other suffer most)"]
     return "\n".join(lines)

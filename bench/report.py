@@ -485,25 +485,29 @@ def plot_asr_before_after(records: list[dict], path: Path) -> Path | None:
     for ax, ((ds, mo), attacks, series) in zip(axes, series_per_group):
         width = 0.8 / len(series)
         for j, (name, st, vals, failed) in enumerate(series):
-            xs, hs, es = [], [], []
+            xs, hs, dots = [], [], []
             for i, a in enumerate(attacks):
                 x = i - 0.4 + width * (j + 0.5)
                 if vals[a]:
-                    mu = sum(vals[a]) / len(vals[a])
-                    sd = math.sqrt(sum((v - mu) ** 2 for v in vals[a]) / (len(vals[a]) - 1)) if len(vals[a]) > 1 else 0.0
-                    xs.append(x), hs.append(mu), es.append(sd)
+                    xs.append(x), hs.append(sum(vals[a]) / len(vals[a]))
+                    if len(vals[a]) > 1:  # with few seeds, the seeds themselves say more than a std
+                        dots += [(x, v) for v in vals[a]]
                 elif failed.get(a):
                     ax.text(x, 1, "failed", rotation=90, ha="center", va="bottom", fontsize=8, color=st["color"])
-            ax.bar(xs, hs, width * 0.95, yerr=es if any(es) else None, capsize=2, color=st["color"], label=name,
+            ax.bar(xs, hs, width * 0.95, color=st["color"], label=name,
                    edgecolor="black" if name == "backdoored" else None, linewidth=0.5)
+            if dots:
+                ax.scatter(*zip(*dots), s=12, color="white", edgecolors="black", linewidths=0.7, zorder=3,
+                           label="one seed")
         ax.set_xticks(range(len(attacks)), attacks, rotation=20 if len(attacks) > 4 else 0)
         ax.set(ylabel="ASR (%)", ylim=(0, 105), xlim=(-0.55, len(attacks) - 0.45), title=f"{ds} / {mo}")
         ax.grid(axis="y", alpha=0.3)
-    names = _ordered(name for _, _, series in series_per_group for name, _, _, _ in series)
     handles = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    names = _ordered(name for _, _, series in series_per_group for name, _, _, _ in series) + (["one seed"] if "one seed" in handles else [])
     fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
                loc="outside lower center", ncols=min(6, len(names)), fontsize=9)
-    fig.suptitle("Attack success rate before and after each defense (mean ± std over seeds)")
+    several = "one seed" in names
+    fig.suptitle("Attack success rate before and after each defense" + (" (bars: mean over seeds)" if several else ""))
     return _save(fig, path)
 
 

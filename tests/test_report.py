@@ -1,0 +1,239 @@
+"""Reports: the table builder, its Markdown/CSV/LaTeX forms, the plots, bad input, references."""
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from bench.registry import BenchError
+from bench.report import (
+    build_tables,
+    compare_markdown,
+    csv_rows,
+    latex_table,
+    load_records,
+    markdown_table,
+    reference_names,
+    reference_table,
+    write_reports,
+)
+from bench.store import save_tensors
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rec(attack, defense, seed, ca=None, asr=None, ra=None, *, status="ok", backdoor=None, info=None,
+        dataset="synthetic", model="smallcnn"):
+    failed = status != "ok"
+    return {
+        "cell": f"{dataset}-{model}-{attack}-{defense}-s{seed}", "dataset": dataset, "model": model, "attack": attack,
+        "defense": defense, "seed": seed, "status": status, "error": "ValueError: boom" if failed else None,
+        "metrics": None if failed else {"ca": ca, "asr": asr, "ra": ra},
+        "backdoor": backdoor, "seconds": {"train": 1.0, "defense": 0.5, "eval": 0.1}, "info": info or {},
+        "config": {"preset": "demo"}, "versions": {"torch": torch.__version__}, "git": "abc123",
+    }
+
+
+def hand_records():
+    """rnp appears before none and fp: the columns must still read none, rnp, fp."""
+    return [
+        rec("badnets", "rnp", 0, 0.90, 0.10, 0.80),
+        rec("badnets", "rnp", 1, 0.94, 0.02, 0.84),
+        rec("badnets", "none", 0, 0.95, 1.00, 0.00),
+        rec("badnets", "none", 1, 0.97, 0.98, 0.01),
+        rec("badnets", "fp", 0, 0.91, 0.30, 0.60),
+        rec("badnets", "fp", 1, status="failed"),
+        rec("blend", "rnp", 0, 0.80, 0.20, 0.50),
+        rec("blend", "fp", 0, status="failed"),
+    ]
+
+
+def write_run(tmp_path, records, lines=None):
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in records) if lines is None else lines
+    (run / "records.jsonl").write_text(text)
+    return run
+
+
+def md_cells(md):
+    """{(attack, 'defense METRIC'): text} from the Markdown table."""
+    rows = [ln for ln in md.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    out = {}
+    for ln in rows[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        out.update({(cells[0].strip("*"), h): c for h, c in zip(head[1:], cells[1:])})
+    return out
+
+
+def test_table_means_stds_failed_missing_average_and_column_order():
+    (t,) = build_tables(hand_records())
+    assert t.defenses == ["none", "rnp", "fp"]
+    assert t.attacks == ["badnets", "blend"]
+    c = md_cells(markdown_table(hand_records()))
+    # rnp on badnets: CA 90 and 94 -> mean 92, sample std sqrt(8) = 2.83
+    assert c[("badnets", "rnp CA")] == f"92.00 ± {math.sqrt(8):.2f}"
+    assert c[("badnets", "rnp ASR")] == "6.00 ± 5.66"
+    assert c[("blend", "rnp CA")] == "80.00"                  # one seed: the plain value
+    assert c[("blend", "fp ASR")] == "failed"                 # every seed failed
+    assert c[("badnets", "fp CA")] == "91.00*"                # one of two seeds failed
+    assert c[("blend", "none CA")] == "-"                     # missing (no backdoor metrics either)
+    # Average: the mean over attacks of the cell means, marked when an attack is missing
+    assert c[("Average", "rnp CA")] == "86.00"                # (92 + 80) / 2
+    assert c[("Average", "rnp RA")] == f"{(82 + 50) / 2:.2f}"
+    assert c[("Average", "none CA")] == "96.00†"              # blend has no none cell
+    assert c[("Average", "fp ASR")] == "30.00†"               # blend/fp failed
+    md = markdown_table(hand_records())
+    assert "some seeds of this cell failed" in md and "average over fewer attacks" in md
+    assert "failed: blend / fp: ValueError: boom" in md
+
+
+def test_none_column_is_filled_from_backdoor_metrics_and_dataset_model_split():
+    bd = {"ca": 0.96, "asr": 0.99, "ra": 0.01}
+    records = [rec("badnets", "rnp", 0, 0.9, 0.1, 0.8, backdoor=bd),
+               rec("badnets", "fp", 0, 0.9, 0.2, 0.7, backdoor=bd),
+               rec("badnets", "rnp", 0, 0.5, 0.5, 0.5, model="resnet18", backdoor=None)]
+    t1, t2 = build_tables(records)
+    assert (t1.model, t1.defenses) == ("smallcnn", ["none", "rnp", "fp"])
+    assert t1.cell("badnets", "none").n_ok == 1  # once per seed, not once per defense
+    assert (t2.model, t2.defenses) == ("resnet18", ["rnp"])
+    c = md_cells(markdown_table(records).split("### ")[1])
+    assert c[("badnets", "none ASR")] == "99.00"
+    assert "the backdoored model before any defense" in markdown_table(records)
+
+
+def test_later_record_of_a_cell_replaces_the_earlier(tmp_path):
+    run = write_run(tmp_path, [rec("badnets", "rnp", 0, status="failed"), rec("badnets", "rnp", 0, 0.9, 0.1, 0.8)])
+    (r,) = load_records(run)
+    assert r["status"] == "ok"
+
+
+def test_csv_tex_md_files_exist_and_agree(tmp_path):
+    run = write_run(tmp_path, hand_records())
+    out = write_reports(run)
+    for name in ("table.md", "table.csv", "table.tex"):
+        assert out[name].is_file() and out[name].parent == run / "report"
+    md = md_cells(out["table.md"].read_text())
+    rows = list(csv.DictReader(io.StringIO(out["table.csv"].read_text())))
+    assert rows == [{k: ("" if v is None else str(v)) for k, v in r.items()} for r in csv_rows(hand_records())]
+    tex = {}
+    for ln in out["table.tex"].read_text().splitlines():
+        cells = [c.strip() for c in ln.removesuffix(r"\\").split("&")]
+        if len(cells) == 10 and cells[0] not in ("", "Attack"):
+            tex[cells[0]] = cells[1:]
+    defenses = ["none", "rnp", "fp"]
+    assert len(rows) == 3 * 2 - 1 + 3  # 5 cells (blend/none missing) + 3 Average rows
+    for r in rows:
+        for i, m in enumerate(("ca", "asr", "ra")):
+            col = 3 * defenses.index(r["defense"]) + i
+            text_md, text_tex = md[(r["attack"], f"{r['defense']} {m.upper()}")], tex[r["attack"]][col]
+            if r[f"{m}_mean"] == "":
+                assert text_md == text_tex == "failed"
+                continue
+            mean = f"{float(r[f'{m}_mean']):.2f}"
+            assert text_md.startswith(mean) and text_tex.startswith(mean)
+            if r[f"{m}_std"]:
+                std = f"{float(r[f'{m}_std']):.2f}"
+                assert text_md.startswith(f"{mean} ± {std}") and text_tex.startswith(rf"{mean} $\pm$ {std}")
+    assert tex["blend"][0] == "--" and md[("blend", "none CA")] == "-"
+    assert r"\multicolumn{3}{c}{rnp}" in out["table.tex"].read_text()
+    assert r"\cmidrule(lr){8-10}" in out["table.tex"].read_text()
+
+
+def test_latex_escapes_names():
+    text = latex_table([rec("bad_nets&co", "my%def", 0, 0.9, 0.1, 0.8)])
+    assert r"bad\_nets\&co" in text and r"my\%def" in text
+
+
+def full_records():
+    bd = {"ca": 0.95, "asr": 0.99, "ra": 0.01}
+    curve = [{"threshold": t / 20, "channels_pruned": t, "ca": 0.95 - t / 40, "asr": max(0.0, 1 - t / 5), "ra": min(0.9, t / 5)}
+             for t in range(19)]
+    out = []
+    for attack in ("badnets", "blend"):
+        for seed in (0, 1):
+            out.append(rec(attack, "rnp", seed, 0.9, 0.05, 0.8, backdoor=bd, info={"threshold": 0.2, "oracle_curve": curve}))
+            out.append(rec(attack, "fp", seed, 0.92, 0.3, 0.6, backdoor=bd))
+    return out
+
+
+def write_examples(run):
+    g = torch.Generator().manual_seed(0)
+    for name, c in (("synthetic-badnets", 3), ("synthetic-blend", 3), ("mnist-badnets", 1)):
+        clean = torch.randint(0, 256, (c, 32, 32), dtype=torch.uint8, generator=g)
+        trig = clean.clone()
+        trig[:, -4:-1, -4:-1] = 255
+        save_tensors(run / "examples" / f"{name}.safetensors", {"clean": clean, "triggered": trig})
+
+
+def test_every_plot_is_written_when_it_has_data(tmp_path):
+    run = write_run(tmp_path, full_records())
+    write_examples(run)
+    out = write_reports(run)
+    for name in ("ca_vs_asr.png", "asr_before_after.png", "rnp_curve.png", "gallery.png"):
+        assert out[name] == run / "report" / name
+        assert out[name].read_bytes()[:8] == PNG
+
+
+def test_plots_without_data_are_skipped_and_stale_ones_removed(tmp_path):
+    run = write_run(tmp_path, full_records())
+    write_examples(run)
+    write_reports(run)
+    # now: no oracle curves, no examples, every cell failed and no backdoor metrics
+    for f in (run / "examples").iterdir():
+        f.unlink()
+    write_run(tmp_path, [rec("badnets", "rnp", 0, status="failed"), rec("blend", "fp", 0, status="failed")])
+    out = write_reports(run)
+    assert set(out) == {"table.md", "table.csv", "table.tex"}
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["table.csv", "table.md", "table.tex"]
+    assert md_cells(out["table.md"].read_text())[("badnets", "rnp CA")] == "failed"
+    assert md_cells(out["table.md"].read_text())[("Average", "fp CA")] == "failed"
+
+
+def test_a_corrupt_example_is_skipped_with_a_warning(tmp_path):
+    run = write_run(tmp_path, full_records())
+    (run / "examples").mkdir()
+    (run / "examples" / "synthetic-badnets.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="gallery: skipping"):
+        out = write_reports(run)
+    assert "gallery.png" not in out and "ca_vs_asr.png" in out
+
+
+@pytest.mark.parametrize("text, match", [
+    (None, "no records at .*records.jsonl"),
+    ("", "records.jsonl holds no records"),
+    ("\n\n", "records.jsonl holds no records"),
+    ('{"x": 1}\n', "line 1 lacks dataset, model, attack, defense, seed, status"),
+    ("OK\n", "line 2 is not valid JSON"),
+    ("[1, 2]\n", "line 2 is not a JSON object"),
+])
+def test_bad_records_file_is_a_bench_error(tmp_path, text, match):
+    run = tmp_path / "run"
+    run.mkdir()
+    if text is not None:
+        good = json.dumps(rec("badnets", "rnp", 0, 0.9, 0.1, 0.8)) + "\n"
+        (run / "records.jsonl").write_text(text if "line 1" in match or "no records" in match else good + text)
+    with pytest.raises(BenchError, match=match):
+        write_reports(run)
+
+
+def test_reference_tables_keep_their_source_and_compare_with_ours():
+    assert {"backdoorbench_leaderboard_cifar10_preactresnet18_p0.1", "rnp_official_log_badnets_cifar10"} <= set(reference_names())
+    lb = reference_table("backdoorbench_leaderboard_cifar10_preactresnet18_p0.1")
+    assert lb.source[0].startswith("Source: backdoorbench.github.io")
+    assert lb.columns == ["attack", "defense", "ca_pct", "asr_pct"]
+    assert {"attack": "BadNets", "defense": "none", "ca_pct": "91.32", "asr_pct": "95.03"} in lb.rows
+    assert "> Source:" in lb.markdown()
+    with pytest.raises(BenchError, match="no reference table 'nope'.*known: backdoorbench"):
+        reference_table("nope")
+    curve = [{"threshold": 0.2, "channels_pruned": 30, "ca": 0.9, "asr": 0.05, "ra": 0.8}]
+    records = [rec("badnets", "rnp", 0, 0.9, 0.05, 0.8, dataset="cifar10", model="resnet18",
+                   backdoor={"ca": 0.93, "asr": 1.0, "ra": 0.0}, info={"threshold": 0.2, "oracle_curve": curve})]
+    cmp = compare_markdown(records)
+    assert "| resnet18 | badnets | none | 93.00 | 91.32 | 100.00 | 95.03 |" in cmp
+    assert "| resnet18 s0 | 0.20 | 30 | 24 | 90.00 | 92.80 | 5.00 | 6.61 |" in cmp
+    assert compare_markdown(hand_records()) == ""
