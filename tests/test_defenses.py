@@ -1,0 +1,309 @@
+"""Defenses: the contract every registered defense keeps, and RNP's and FP's own rules.
+
+Tiny and fast: one smallcnn (width 8) trained for a few seconds on synthetic images, and
+a 64-image clean defense set.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import bench.data
+from bench.config import build
+from bench.data import DATASETS, ImageSet
+from bench.models import MODELS
+from bench.registry import BenchError
+from bench.train import TrainConfig, accuracy, train
+from defenses import DEFENSES, DefenseContext, DefenseResult
+from defenses.fp import FinePruning, head_features, last_linear
+from defenses.rnp import RNP, SWEEP, attach_masks, batches, prune
+
+SYN = DATASETS.get("synthetic")(n_train=600, n_test=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: one intra-op thread is as fast, and does not spin on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sets() -> tuple[ImageSet, ImageSet]:
+    """(training images, clean defense images) from one synthetic draw."""
+    train_set, _ = SYN.load()
+    return train_set.subset(torch.arange(500)), train_set.subset(torch.arange(500, 564))
+
+
+@pytest.fixture(scope="module")
+def model(sets) -> nn.Module:
+    m = MODELS.get("smallcnn")(width=8).build(10, 3, SYN.mean, SYN.std, seed=0)
+    train(m, sets[0], TrainConfig(epochs=4, batch_size=50, lr=0.1), SYN.augmentation, seed=0)
+    return m.eval()
+
+
+def ctx(seed: int = 0) -> DefenseContext:
+    return DefenseContext(num_classes=10, augmentation=SYN.augmentation, seed=seed)
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+FAST_RNP = dict(batch_size=32, unlearn_lr=0.05, recover_epochs=10)  # reaches the threshold, and some masks fall
+
+
+@pytest.fixture(scope="module")
+def rnp_run(model, sets):
+    """One RNP run (fast settings) with the model's state before it."""
+    before = state(model)
+    res = RNP(**FAST_RNP)(model, sets[1], ctx())
+    return before, res
+
+
+# ---------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_contract(name, model, sets, monkeypatch):
+    clean = sets[1]
+    clean_copy = ImageSet(clean.x.clone(), clean.y.clone())
+
+    def forbidden(*a, **k):
+        raise AssertionError("a defense may use only the model, the clean set and the context")
+
+    # Any data beyond what it was given is out of reach: loading or drawing a dataset fails.
+    monkeypatch.setattr(bench.data.Dataset, "load", forbidden)
+    monkeypatch.setattr(bench.data.Synthetic, "draw", forbidden)
+    monkeypatch.setattr(bench.data, "defense_subset", forbidden)
+    rng = torch.get_rng_state()
+    defense = DEFENSES.get(name)()
+    results = [defense(copy.deepcopy(model), clean, ctx(seed=3)) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), rng), "a defense must not draw from the global RNG"
+    assert torch.equal(clean.x, clean_copy.x) and torch.equal(clean.y, clean_copy.y)
+
+    x = clean.x[:5].float() / 255
+    for res in results:
+        assert isinstance(res, DefenseResult)
+        assert res.model(x).shape == model(x).shape == (5, 10)
+        json.dumps(res.info)  # JSON-able
+    assert same_state(state(results[0].model), state(results[1].model)), "same seed, same model"
+    assert json.dumps(results[0].info, sort_keys=True) == json.dumps(results[1].info, sort_keys=True)
+    if results[0].sweep is not None:
+        points = list(results[0].sweep())
+        assert all(p[1](x).shape == (5, 10) for p in points)
+
+
+# ---------------------------------------------------------------- RNP pieces
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x):
+        return self.inner(x) + x
+
+
+class Custom(nn.Module):
+    """A model RNP has never seen: BN at the top level and inside a nested block, one BN without affine."""
+
+    def __init__(self, bn: bool = True) -> None:
+        super().__init__()
+        norm = nn.BatchNorm2d if bn else (lambda c: nn.Identity())
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.stem_bn = norm(4)
+        self.blocks = nn.ModuleList([Block(4) if bn else nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())])
+        self.plain = nn.BatchNorm2d(4, affine=False) if bn else nn.Identity()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.plain(x).mean((2, 3)))
+
+
+def _randomize_bn(m: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d) and mod.affine:
+                mod.weight.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
+                mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen))
+    return m.eval()
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_masks_attach_anywhere_and_match_pruning(bn):
+    torch.manual_seed(0)
+    m = _randomize_bn(Custom(bn=bn))
+    x = torch.rand(2, 3, 8, 8)
+    ref = m(x).detach()
+    plain = state(m)
+    masks = attach_masks(m)
+    want = ["stem_bn", "blocks.0.inner.1"] if bn else ["stem", "blocks.0.0"]
+    assert sorted(masks.masks) == sorted(want) and masks.kind == ("bn" if bn else "conv")
+    assert torch.allclose(m(x), ref), "masks start at 1: the model computes the same function"
+    # A 0/1 mask is exactly pruning: zeroing the masked channels' BN weight (or conv output).
+    with torch.no_grad():
+        for p in masks.parameters():
+            p.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    masked = m(x).detach()
+    values = masks.values()
+    masks.remove()
+    assert same_state(state(m), plain), "remove() gives the model back as it was"
+    pruned = copy.deepcopy(m)
+    assert prune(pruned, values, 0.5) == 2 * len(want)
+    assert torch.allclose(pruned(x), masked, atol=1e-6)
+
+
+def test_masks_need_conv_or_bn():
+    with pytest.raises(BenchError):
+        attach_masks(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
+
+
+def test_batches_cover_every_image_without_tiny_batches():
+    gen = torch.Generator().manual_seed(0)
+    for n, bs, sizes in [(500, 128, {125}), (64, 128, {64}), (400, 128, {133, 134}), (130, 128, {130})]:
+        parts = batches(n, bs, gen)
+        assert {len(p) for p in parts} == sizes
+        assert torch.equal(torch.cat(parts).sort().values, torch.arange(n))
+
+
+def test_unlearning_stops_at_threshold(model, sets):
+    r = RNP(stop_check="step", batch_size=32, unlearn_lr=0.05)
+    assert accuracy(model, sets[1]) > r.clean_threshold
+    un = r.unlearn(copy.deepcopy(model), sets[1], ctx(), torch.Generator().manual_seed(0))
+    hist = un["history"]
+    assert un["reached"] and len(hist) == un["steps"] >= 2
+    assert hist[-1] <= r.clean_threshold < hist[-2]
+    assert all(a > r.clean_threshold for a in hist[:-1])
+
+    ep = RNP(stop_check="epoch", batch_size=32, unlearn_lr=0.05).unlearn(copy.deepcopy(model), sets[1], ctx(), torch.Generator().manual_seed(0))
+    assert ep["steps"] == 2 * ep["epochs"] and len(ep["history"]) == ep["epochs"]
+    assert ep["history"][-1] <= 0.2 and all(a > 0.2 for a in ep["history"][:-1])
+
+
+def test_unlearning_that_never_reaches_is_recorded(model, sets):
+    res = RNP(unlearn_lr=0.0, unlearn_epochs=1, recover_epochs=1)(copy.deepcopy(model), sets[1], ctx())
+    assert res.info["unlearn_reached"] is False and res.info["unlearn_epochs"] == 1
+
+
+def test_rnp_leaves_original_alone_and_prunes_exactly_the_chosen_channels(model, rnp_run):
+    before, res = rnp_run
+    assert same_state(state(model), before), "unlearning and recovering work on copies"
+    info, after = res.info, state(res.model)
+    thr = info["threshold"]
+    assert info["mask_kind"] == "bn" and thr == 0.2
+    masks = info["masks"]
+    assert all(0.0 <= v <= 1.0 for vs in masks.values() for v in vs)
+    assert any(v < 0.999 for vs in masks.values() for v in vs), "recovering moved the masks"
+    assert info["channels_total"] == sum(len(v) for v in masks.values())
+    zeroed = 0
+    for key, t in before.items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in masks and leaf == "weight":
+            m = torch.tensor(masks[layer])
+            cut = after[key] == 0
+            clear = (m - thr).abs() > 1e-4  # info masks are rounded; skip values at the threshold
+            assert torch.equal(cut[clear], (m <= thr)[clear])
+            assert torch.equal(after[key][~cut], t[~cut])
+            zeroed += int(cut.sum())
+        else:
+            assert torch.equal(after[key], t), f"{key} changed"
+    assert zeroed == info["channels_pruned"] > 0
+
+
+def test_rnp_sweep_is_the_official_grid(model, rnp_run):
+    _, res = rnp_run
+    assert SWEEP == tuple(round(0.05 * i, 2) for i in range(19))
+    points = list(res.sweep())
+    assert [p[0] for p in points] == list(SWEEP)
+    counts = [sum(int((m.get_submodule(n).weight == 0).sum()) for n in res.info["masks"]) for _, m, _ in points]
+    assert counts == [facts["channels_pruned"] for *_, facts in points]
+    assert counts == sorted(counts) and counts[SWEEP.index(0.2)] == res.info["channels_pruned"]
+
+
+def test_rnp_auto_uses_only_the_defense_data(model, sets, monkeypatch):
+    r = RNP(select="auto", **FAST_RNP)
+    first = r(copy.deepcopy(model), sets[1], ctx())
+    # Other data existing, the global RNG moved on, dataset loading forbidden: same choice.
+    other, _ = DATASETS.get("synthetic")(n_train=50, n_test=10, seed=7).load()
+    torch.rand(100)
+    monkeypatch.setattr(bench.data.Dataset, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    second = r(copy.deepcopy(model), sets[1], ctx())
+    info = first.info
+    assert json.dumps(info, sort_keys=True) == json.dumps(second.info, sort_keys=True)
+    assert info["select"] == "auto" and info["threshold"] in SWEEP and info["holdout_images"] == 13
+    # The documented rule: the largest sweep value up to which held-out accuracy stays within the bound.
+    ok = [a >= info["auto_base_acc"] - r.max_acc_drop for a in info["auto_accs"].values()]
+    n_ok = ok.index(False) if False in ok else len(ok)
+    assert info["threshold"] == SWEEP[max(n_ok - 1, 0)]
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=1.5), dict(threshold=-0.1), dict(clean_threshold=1.2),
+                                dict(clean_threshold=-0.5), dict(select="oracle"), dict(stop_check="batch"),
+                                dict(select="auto", holdout=0.0)])
+def test_rnp_bad_settings(kw):
+    with pytest.raises(BenchError):
+        RNP(**kw)
+
+
+def test_bad_settings_from_strings():
+    with pytest.raises(BenchError):
+        build(RNP, {"select": "best"})
+    with pytest.raises(BenchError):
+        build(FinePruning, {"acc_ratio": "2"})
+
+
+# ---------------------------------------------------------------- FP
+
+
+def test_fp_prunes_lowest_activation_first_and_stops_at_the_bound(model, sets):
+    clean = sets[1]
+    fp = FinePruning(finetune_epochs=0, acc_ratio=0.1, prune_step=0.05)
+    _, head = last_linear(model)
+    means = head_features(model, head, clean, ctx()).float().mean(0)
+    res = fp(copy.deepcopy(model), clean, ctx())
+    info = res.info
+    k, pruned = info["channels_pruned"], info["pruned_channels"]
+    assert info["layer"] == "net.23" and info["channels_total"] == 32 and len(pruned) == k
+    # Lowest mean activation first: every pruned channel is at most every kept one.
+    kept = [c for c in range(32) if c not in pruned]
+    if pruned and kept:
+        assert means[pruned].max() <= means[kept].min()
+    assert torch.equal(means[pruned], means[pruned].sort().values) or len(pruned) < 2
+    # Exactly those input columns of the last Linear are zero.
+    w = last_linear(res.model)[1].weight
+    assert sorted((w == 0).all(0).nonzero().flatten().tolist()) == sorted(pruned)
+    # Stop rule: every kept step is within the bound, the step after the last one is not.
+    acc0, curve = info["acc_before"], info["prune_curve"]
+    chosen = [a for n, a in curve if n == k][0]
+    assert all(acc0 - a < 0.1 * acc0 for n, a in curve if n <= k)
+    if curve[-1][0] > k:
+        assert acc0 - curve[-1][1] >= 0.1 * acc0 - 1e-4
+    # The search ran on cached features; the pruned model itself gives the same accuracy.
+    assert info["acc_after_prune"] == pytest.approx(chosen, abs=1e-4)
+    assert info["acc_before"] == pytest.approx(accuracy(model, clean), abs=1e-6)
+
+
+def test_fp_finetune_keeps_pruned_columns_zero(model, sets):
+    res = FinePruning(finetune_epochs=2, acc_ratio=0.5)(copy.deepcopy(model), sets[1], ctx())
+    w = last_linear(res.model)[1].weight
+    assert res.info["channels_pruned"] > 0
+    assert sorted((w == 0).all(0).nonzero().flatten().tolist()) == sorted(res.info["pruned_channels"])
+    assert not any("weight_orig" in k or "weight_mask" in k for k in res.model.state_dict())
