@@ -388,8 +388,8 @@ def run_grid(
     rd = RunDir(out)
     with rd.lock():
         order = [c.id for c in cells]
-        done = {k: v for k, v in rd.finished().items() if v.get("status") == "ok"}
-        todo = [c for c in cells if c.id not in done]
+        finished = rd.finished()
+        todo = [c for c in cells if not _is_done(finished.get(c.id), c)]
         if len(todo) < len(cells):
             log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already finished")
         # Load each dataset once up front: a missing one fails here, before any training, and the
@@ -436,6 +436,15 @@ def run_grid(
         recs = rd.write_records(order)
     wanted = set(order)
     return [r for r in recs if r["cell"] in wanted]
+
+
+def _is_done(rec: dict | None, cell: Cell) -> bool:
+    """A cell is finished if its record is ok and was made with the same model and defense config."""
+    if rec is None or rec.get("status") != "ok":
+        return False
+    cfg = rec.get("config", {})
+    want = json.loads(json.dumps({"name": cell.defense.name, **cell.defense.to_dict()}))
+    return cfg.get("model_key") == cell.job.key and cfg.get("defense") == want and cfg.get("run") == cell.run.to_dict()
 
 
 def _parallel(fn: Callable, arglist: list[tuple], jobs: int, threads: int):

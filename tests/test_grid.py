@@ -34,6 +34,13 @@ class Counting(Defense):
 
 
 @dataclasses.dataclass(frozen=True)
+class Counting2(Counting):
+    """The same cell name ("counting"), another setting."""
+
+    extra: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Boom(Defense):
     name = "boom"
     description = "test-only: always fails"
@@ -63,6 +70,10 @@ def test_resume_skips_finished_cells_and_reuses_cached_models(tmp_path, monkeypa
     recs2 = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
     assert len(CALLS) == 2 and len(trained) == 2  # nothing ran again
     assert (tmp_path / "run" / "records.jsonl").read_text() == before and recs2 == recs
+    # A changed defense setting reruns that cell (its old record is replaced, not duplicated).
+    run_grid([dataclasses.replace(c, defense=Counting2()) for c in cells], tmp_path / "run", preset="demo", progress=False,
+             log=lambda m: None)
+    assert len(CALLS) == 4 and len((tmp_path / "run" / "records.jsonl").read_text().splitlines()) == 2
     # A new defense on the same grid trains nothing: the backdoored models come from the cache.
     run_grid(cells_with([Boom()], seeds=(0, 1)), tmp_path / "run2", preset="demo", progress=False, log=lambda m: None)
     assert len(trained) == 2
