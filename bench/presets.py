@@ -29,8 +29,8 @@ PRESETS: dict[str, Preset] = {
         description="built-in synthetic data, a small model, a few minutes on a laptop CPU, offline",
         dataset="synthetic",
         model="smallcnn",
-        train=TrainConfig(epochs=6, batch_size=128, lr=0.2),
-        defense_data=0.02,
+        train=TrainConfig(epochs=10, batch_size=128, lr=0.2),
+        defense_data=500,
         fields={"synthetic": {"n_train": 5000, "n_test": 1000}, "smallcnn": {"width": 16}},
     ),
     "quick": Preset(

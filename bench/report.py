@@ -541,7 +541,9 @@ def plot_oracle_curves(records: list[dict], path: Path) -> Path | None:
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=9)
     name = ", ".join(_ordered(p[2] for p in panels))
     where = "" if multi else f" on {panels[0][0]} / {panels[0][1]}"
-    fig.suptitle(f"{name} pruning sweep{where}: oracle view (test set)\n"
+    sizes = {tuple(r["info"]["oracle_curve_images"]) for r in rs if isinstance(r["info"].get("oracle_curve_images"), list)}
+    on = f"test subset of {sizes.pop()[0]:,} clean images" if len(sizes) == 1 else "test set"
+    fig.suptitle(f"{name} pruning sweep{where}: oracle view ({on})\n"
                  "the defense chose its threshold from its own clean data, not from these curves")
     return _save(fig, path)
 

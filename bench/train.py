@@ -164,7 +164,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 1024,
+def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 256,
             bf16: bool = True) -> torch.Tensor:
     """Predicted labels (CPU int64) of uint8 images ``x``, model in eval mode."""
     device = torch.device(device)
