@@ -162,3 +162,17 @@ def test_sigkill_at_any_moment_completes_on_rerun(tmp_path):
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted(r["cell"] for r in recs) == sorted({r["cell"] for r in recs}) and len(recs) == 4
     assert all(r["status"] == "ok" for r in recs)
+
+
+def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path):
+    cells = GridSpec(attacks=["badnets", "blend"], defenses=["none"], preset="demo", overrides=TINY).resolve()
+    serial = run_grid(cells, tmp_path / "one", preset="demo", progress=False, log=lambda m: None)
+    import shutil
+
+    from bench.data import cache_dir
+
+    shutil.rmtree(cache_dir() / "models")  # retrain in the workers
+    parallel = run_grid(cells, tmp_path / "two", preset="demo", jobs=2, progress=False, log=lambda m: None)
+    assert [r["cell"] for r in parallel] == [r["cell"] for r in serial]  # records in grid order
+    for a, b in zip(serial, parallel):
+        assert b["status"] == "ok" and a["metrics"] == b["metrics"]  # same seed, same result, whatever the process

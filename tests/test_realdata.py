@@ -25,20 +25,21 @@ def test_gtsrb_and_mnist_load_with_the_official_counts(data_dir):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_badnets_implants_on_gtsrb_and_rnp_clearly_lowers_the_asr(data_dir, tmp_path):
+    """The quick preset's BadNets cell, seed 0 (~6 min here): the backdoor takes, RNP removes it.
+
+    Narrower models were cheaper but not a fair test of RNP's default operating point: at
+    ResNet-18 width 8 (3 epochs, all of GTSRB: CA 94.0 / ASR 100) threshold 0.2 left ASR at
+    73 %, the ASR falling only gradually with the threshold (9.8 % at 0.4, CA 89.4 %).
+    """
     from bench.grid import GridSpec, run_grid
 
-    overrides = {
-        "gtsrb": {"train_subset": "12000"},
-        "resnet18": {"width": "8"},
-        "train": {"epochs": "4"},
-        "rnp": {},
-    }
+    overrides = {"run": {"sweep": "false"}}  # the oracle curve is for plots; skip its 19 evaluations
     cells = GridSpec(attacks=["badnets"], defenses=["none", "rnp"], preset="quick", overrides=overrides).resolve()
     recs = run_grid(cells, tmp_path / "run", preset="quick", data_dir=str(data_dir), progress=False, log=print)
     by = {r["defense"]: r for r in recs}
     assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
     before, after = by["none"]["metrics"], by["rnp"]["metrics"]
-    print(f"GTSRB subset: before CA {before['ca']:.3f} ASR {before['asr']:.3f}; after RNP CA {after['ca']:.3f} ASR {after['asr']:.3f}")
-    assert before["ca"] > 0.85 and before["asr"] > 0.9  # the backdoor is implanted
-    assert after["asr"] < 0.5 * before["asr"]  # RNP clearly removes most of it
-    assert after["ca"] > before["ca"] - 0.15  # without destroying the model
+    print(f"GTSRB quick: before CA {before['ca']:.3f} ASR {before['asr']:.3f}; after RNP CA {after['ca']:.3f} ASR {after['asr']:.3f}")
+    assert before["ca"] > 0.9 and before["asr"] > 0.9  # the backdoor is implanted
+    assert after["asr"] < 0.2  # RNP clearly removes it (measured: 100 % -> 0.8 %)
+    assert after["ca"] > before["ca"] - 0.05  # at a small cost in clean accuracy (measured: -0.3 points)
