@@ -208,6 +208,12 @@ class RNP(Defense):
             raise BenchError("rnp.select=auto needs rnp.holdout > 0 (the held-out share of the defense data)")
 
     # ------------------------------------------------------------ the three stages
+    def epoch(self, data: ImageSet, ctx: DefenseContext, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled, augmented pass over the defense data as (float input, label) batches."""
+        for idx in batches(len(data), self.batch_size, gen):
+            idx = idx.to(data.x.device)
+            yield to_input(augment(data.x[idx], ctx.augmentation, gen)), data.y[idx]
+
     def unlearn(self, model: nn.Module, data: ImageSet, ctx: DefenseContext, gen: torch.Generator) -> dict:
         """Gradient ascent on ``model`` in place until accuracy <= clean_threshold; returns facts and history."""
         model.train()
@@ -217,11 +223,9 @@ class RNP(Defense):
         steps, epoch, reached = 0, 0, False
         for epoch in range(1, self.unlearn_epochs + 1):
             correct = 0
-            for idx in batches(len(data), self.batch_size, gen):
-                idx = idx.to(data.x.device)
-                x, y = augment(data.x[idx], ctx.augmentation, gen), data.y[idx]
+            for x, y in self.epoch(data, ctx, gen):
                 with autocast(ctx.device, ctx.bf16):
-                    out = model(to_input(x))
+                    out = model(x)
                 loss = F.cross_entropy(out.float(), y)
                 opt.zero_grad(set_to_none=True)
                 (-loss).backward()
@@ -250,11 +254,9 @@ class RNP(Defense):
         acc = None  # no recovering epochs: nothing measured (JSON null)
         for _ in range(self.recover_epochs):
             correct = 0
-            for idx in batches(len(data), self.batch_size, gen):
-                idx = idx.to(data.x.device)
-                x, y = augment(data.x[idx], ctx.augmentation, gen), data.y[idx]
+            for x, y in self.epoch(data, ctx, gen):
                 with autocast(ctx.device, ctx.bf16):
-                    out = model(to_input(x))
+                    out = model(x)
                 loss = self.alpha * F.cross_entropy(out.float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
