@@ -41,5 +41,5 @@ def test_badnets_implants_on_gtsrb_and_rnp_clearly_lowers_the_asr(data_dir, tmp_
     before, after = by["none"]["metrics"], by["rnp"]["metrics"]
     print(f"GTSRB quick: before CA {before['ca']:.3f} ASR {before['asr']:.3f}; after RNP CA {after['ca']:.3f} ASR {after['asr']:.3f}")
     assert before["ca"] > 0.9 and before["asr"] > 0.9  # the backdoor is implanted
-    assert after["asr"] < 0.2  # RNP clearly removes it (measured: 100 % -> 0.8 %)
-    assert after["ca"] > before["ca"] - 0.05  # at a small cost in clean accuracy (measured: -0.3 points)
+    assert after["asr"] < 0.2  # RNP clearly removes it (measured: 100 % -> 0.0 %)
+    assert after["ca"] > before["ca"] - 0.05  # at a small cost in clean accuracy (measured: -2.1 points)
