@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -11,23 +10,19 @@ import click
 from bench.registry import BenchError
 
 
-def _split(value: str, allowed: list[str], what: str) -> list[str]:
+def _split(value: str, registry, what: str) -> list[str]:
+    """``all`` or a comma list of registered names; a miss fails with the registry's hints."""
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names == ["all"]:
-        return list(allowed)
+        return registry.names()
     if not names:
-        raise BenchError(f"--{what} is empty; allowed: all, {', '.join(allowed)}")
-    seen = []
+        raise BenchError(f"--{what} is empty; allowed: all, {', '.join(registry.names())}")
     for n in names:
-        if n not in allowed:
-            import difflib
-
-            close = difflib.get_close_matches(n, allowed, n=2)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise BenchError(f"unknown {what} {n!r}{hint}; allowed: all, {', '.join(allowed)}")
-        if n not in seen:
-            seen.append(n)
-    return seen
+        try:
+            registry.get(n)
+        except BenchError as exc:
+            raise BenchError(f"{exc}, or all") from None
+    return list(dict.fromkeys(names))
 
 
 def _seeds(value: str) -> list[int]:
@@ -110,14 +105,14 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
         raise BenchError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     if jobs < 1:
         raise BenchError(f"--jobs {jobs} must be >= 1")
-    defs = _split(defense, DEFENSES.names(), "defense")
+    defs = _split(defense, DEFENSES, "defense")
     if "none" in DEFENSES and "none" not in defs:
         defs = ["none", *defs]
     spec = GridSpec(
-        attacks=_split(attack_, ATTACKS.names(), "attack"),
+        attacks=_split(attack_, ATTACKS, "attack"),
         defenses=defs,
-        datasets=_split(dataset, DATASETS.names(), "dataset") if dataset else None,
-        models=_split(model, MODELS.names(), "model") if model else None,
+        datasets=_split(dataset, DATASETS, "dataset") if dataset else None,
+        models=_split(model, MODELS, "model") if model else None,
         preset=preset,
         seeds=_seeds(seeds),
         overrides=parse_sets(sets),

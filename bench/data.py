@@ -72,6 +72,7 @@ def augment(x: torch.Tensor, aug: Augmentation, gen: torch.Generator) -> torch.T
 
 
 DATASETS: Registry[type["Dataset"]] = Registry("dataset")
+_LOADED: dict[tuple, tuple["ImageSet", "ImageSet"]] = {}  # Dataset.load's per-process memo
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,18 @@ class Dataset(Config):
     train_subset: int = param(0, low=0, doc="use a seeded random subset of this many training images (0: all)")
 
     def load(self, data_dir: str | None = None) -> tuple[ImageSet, ImageSet]:
-        train, test = self._load(resolve_data_dir(data_dir))
+        """(train, test), loaded once per process for each config and data folder.
+
+        The sets are shared between callers; nothing may write into them (attacks clone first).
+        """
+        root = resolve_data_dir(data_dir)
+        key = (self, str(root), str(cache_dir()))
+        if key not in _LOADED:
+            _LOADED[key] = self._load_subset(root)
+        return _LOADED[key]
+
+    def _load_subset(self, root: Path) -> tuple[ImageSet, ImageSet]:
+        train, test = self._load(root)
         if self.train_subset and self.train_subset < len(train):
             gen = torch.Generator().manual_seed(1234)
             train = train.subset(torch.randperm(len(train), generator=gen)[: self.train_subset].sort().values)

