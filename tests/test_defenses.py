@@ -18,10 +18,10 @@ from bench.config import build
 from bench.data import DATASETS, ImageSet
 from bench.models import MODELS
 from bench.registry import BenchError
-from bench.train import TrainConfig, accuracy, train
+from bench.train import TrainConfig, accuracy, to_input, train
 from defenses import DEFENSES, DefenseContext, DefenseResult
 from defenses.fp import FinePruning, head_features, last_linear
-from defenses.rnp import RNP, SWEEP, attach_masks, batches, prune
+from defenses.rnp import RNP, SWEEP, attach_masks, batches, prune, recalibrate_bn
 
 SYN = DATASETS.get("synthetic")(n_train=600, n_test=10)
 
@@ -253,6 +253,40 @@ def test_rnp_auto_uses_only_the_defense_data(model, sets, monkeypatch):
     ok = [a >= info["auto_base_acc"] - r.max_acc_drop for a in info["auto_accs"].values()]
     n_ok = ok.index(False) if False in ok else len(ok)
     assert info["threshold"] == SWEEP[max(n_ok - 1, 0)]
+
+
+def test_recalibrate_bn_reestimates_the_statistics_of_the_data(model, sets):
+    m = _randomize_bn(copy.deepcopy(model))
+    weights = {k: v for k, v in state(m).items() if "running" not in k and "num_batches" not in k}
+    data = sets[1]
+    recalibrate_bn(m, data, batch_size=len(data))  # one batch: the statistics of the whole set
+    assert not m.training and all(b.momentum == 0.1 for b in m.modules() if isinstance(b, nn.BatchNorm2d))
+    assert all(torch.equal(state(m)[k], v) for k, v in weights.items()), "only BN buffers change"
+    seen = {}
+    hooks = [b.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0]))
+             for n, b in m.named_modules() if isinstance(b, nn.BatchNorm2d)]
+    with torch.no_grad():
+        m(to_input(data.x))  # eval mode: each BN sees the inputs it was recalibrated on
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 6
+    for name, x in seen.items():
+        bn = m.get_submodule(name)
+        torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-3, rtol=1e-2)
+
+
+def test_rnp_recalibrate_bn_changes_only_the_pruned_models_statistics(model, sets, rnp_run):
+    _, plain = rnp_run
+    res = RNP(recalibrate_bn=True, **FAST_RNP)(copy.deepcopy(model), sets[1], ctx())
+    assert res.info["masks"] == plain.info["masks"] and res.info["channels_pruned"] == plain.info["channels_pruned"]
+    expect = copy.deepcopy(plain.model)
+    recalibrate_bn(expect, sets[1], FAST_RNP["batch_size"])
+    a, b, p = state(res.model), state(expect), state(plain.model)
+    assert same_state(a, b)
+    assert any(not torch.equal(a[k], p[k]) for k in a if "running_mean" in k), "statistics were re-estimated"
+    _, swept, _ = next(pt for pt in res.sweep() if pt[0] == res.info["threshold"])
+    assert same_state(state(swept), a), "the oracle sweep shows the same post-processing"
 
 
 @pytest.mark.parametrize("kw", [dict(threshold=1.5), dict(threshold=-0.1), dict(clean_threshold=1.2),
