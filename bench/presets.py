@@ -38,6 +38,7 @@ PRESETS: dict[str, Preset] = {
         #   official (fixed threshold 0.2), seeds 0-2 only:  CA 90.0 81.4 82.6             ASR 7.4 0.0 0.9
         #   select=auto + recalibrate_bn:                   CA 93.2 90.5 96.9 75.7 91.7 95.7  ASR <= 5.3
         #   select=auto + clean_threshold 0.3:              CA 82.0 78.6 90.3 77.8 84.1 91.5  ASR <= 5.7
+        #   recalibrate_bn + clean_threshold 0.3 (fixed):   CA 96.7 88.9 99.6 99.9 94.1 96.2  ASR 26.2 0.0 26.8 100 0 0
         #   all three (this preset):                        CA 97.3 91.9 96.9 97.3 91.9 95.7  ASR 13.0 2.2 0.7 0 0 0
         # Our reading: stopping unlearning at 0.3 damages fewer channels, re-estimated BN statistics undo
         # most of the CA lost to zeroing, held-out selection guards the rest. Worse: clean_threshold 0.4
