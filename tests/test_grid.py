@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from bench import store
+from bench.data import cache_dir
 from bench.grid import Cell, GridSpec, RunDir, model_dir, run_grid
 from defenses.base import Defense, DefenseResult
 
@@ -167,10 +169,6 @@ def test_sigkill_at_any_moment_completes_on_rerun(tmp_path):
 def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path):
     cells = GridSpec(attacks=["badnets", "blend"], defenses=["none"], preset="demo", overrides=TINY).resolve()
     serial = run_grid(cells, tmp_path / "one", preset="demo", progress=False, log=lambda m: None)
-    import shutil
-
-    from bench.data import cache_dir
-
     shutil.rmtree(cache_dir() / "models")  # retrain in the workers
     parallel = run_grid(cells, tmp_path / "two", preset="demo", jobs=2, progress=False, log=lambda m: None)
     assert [r["cell"] for r in parallel] == [r["cell"] for r in serial]  # records in grid order
