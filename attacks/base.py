@@ -11,7 +11,8 @@ saves as safetensors. The methods:
 - ``poison(train, seed) -> PoisonedSet``: choose and transform the poisoned subset
   (clean-label attacks keep labels; the default picks ``round(poison_rate * N)``
   images whose label differs from the target, and relabels them).
-- ``train_hook()``: optionally a per-batch hook for the trainer (see ``bench.train``).
+- ``train_extension()``: optionally a ``bench.train.TrainExtension`` for attacks that control
+  training (WaNet's on-the-fly warping); ``None`` for static poisoning.
 - ``test_set(test)``: the triggered test set used for ASR and RA.
 """
 
@@ -27,7 +28,7 @@ from bench.config import Config, param
 from bench.data import ImageSet
 from bench.metrics import TriggeredSet
 from bench.registry import Registry
-from bench.train import BatchHook
+from bench.train import TrainExtension
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack", entry_point_group="bdbench.attacks")
 
@@ -91,7 +92,7 @@ class Attack(Config):
             x[idx], y[idx] = self.apply(train.x[idx], train.y[idx])
         return PoisonedSet(ImageSet(x, y), idx)
 
-    def train_hook(self) -> Optional[BatchHook]:
+    def train_extension(self) -> Optional[TrainExtension]:
         return None
 
     def test_set(self, test: ImageSet) -> TriggeredSet:

@@ -21,7 +21,7 @@ Noise mode (``train``): in every training batch of size ``bs`` the first
 ``num_cross = int(num_bd * cross_ratio)`` are warped with ``grid + (rand(H, W, 2) * 2 - 1) / H``
 (a fresh random perturbation per image, clamped to [-1, 1]) and keep their labels. The
 trainer shuffles every epoch, so "the first images of the batch" are a random subset.
-This runs on the fly through ``train_hook()``; therefore ``poison(train, seed)`` returns
+This runs on the fly through ``train_extension()`` (a batch rewrite); therefore ``poison(train, seed)`` returns
 the training set unchanged with an empty ``poison_idx`` (no image of the stored training
 set is poisoned; about ``pc`` of every batch is). Differences from the official loop:
 the trainer augments (crop with padding, flip) before the hook, the official code after
@@ -47,7 +47,7 @@ from attacks.base import ATTACKS, Attack, PoisonedSet
 from bench.config import param
 from bench.data import ImageSet
 from bench.registry import BenchError
-from bench.train import BatchHook
+from bench.train import BatchRewrite
 
 
 def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ class WaNet(Attack):
         return warp(x, self.grid(x.device))
 
     def poison(self, train: ImageSet, seed: int) -> PoisonedSet:
-        """WaNet poisons on the fly (``train_hook``): the stored training set stays clean."""
+        """WaNet poisons on the fly (``train_extension``): the stored training set stays clean."""
         return PoisonedSet(ImageSet(train.x, train.y), torch.zeros(0, dtype=torch.long))
 
     def batch_counts(self, batch_size: int) -> tuple[int, int]:
@@ -113,7 +113,7 @@ class WaNet(Attack):
         num_cross = min(math.floor(num_bd * self.cross_ratio + 1e-9), batch_size - num_bd)
         return num_bd, num_cross
 
-    def train_hook(self) -> BatchHook:
+    def train_extension(self) -> BatchRewrite:
         grids: dict[torch.device, torch.Tensor] = {}
 
         def hook(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,4 +131,4 @@ class WaNet(Attack):
             x[num_bd:num_bd + num_cross] = warp(x[num_bd:num_bd + num_cross], grid2)
             return x, y
 
-        return hook
+        return BatchRewrite(hook)

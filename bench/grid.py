@@ -138,6 +138,11 @@ class GridSpec:
             for a in atks:
                 if getattr(a, "target", 0) >= ds.num_classes:
                     raise BenchError(f"{a.name}.target={a.target} is out of range for {ds.name}; allowed: [0, {ds.num_classes - 1}]")
+        for ds in datasets:  # settings that name parts of a model (NAD's layers) are checked on a built one
+            for m in models:
+                net = m.build(ds.num_classes, ds.channels, ds.mean, ds.std)
+                for d in defs:
+                    d.check(net)
         if not self.seeds:
             raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
         return [
@@ -165,7 +170,7 @@ def train_backdoored(job: TrainJob, data_dir: str | None, device: str, progress:
     poisoned = attack.poison(train_set, job.seed)
     model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
     stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
-                  hook=attack.train_hook(), progress=progress, desc=f"{ds.name}/{job.model.name}/{job.attack.name}/s{job.seed}")
+                  extensions=[e for e in [attack.train_extension()] if e is not None], progress=progress, desc=f"{ds.name}/{job.model.name}/{job.attack.name}/s{job.seed}")
     t0 = time.perf_counter()
     triggered = attack.test_set(test_set)
     metrics = evaluate(model, test_set, triggered, device=device, bf16=job.train.bf16)

@@ -158,3 +158,38 @@ class SmallCNN(ModelSpec):
             layers.append(nn.MaxPool2d(2))
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
         return nn.Sequential(*layers)
+
+
+@MODELS.register("vgg")
+@dataclass(frozen=True)
+class VGG16(ModelSpec):
+    """VGG-16 for 32x32 inputs (the CIFAR variant): 13 3x3 convs in 5 stages, each stage ending in
+    a 2x2 max-pool, then global average pooling and one linear classifier.
+
+    The convolutional part is VGG-16's configuration D (widths w, 2w, 4w, 8w, 8w). The CIFAR
+    variant's single Linear head replaces ImageNet VGG's three fully connected layers, as in the
+    RNP code's ``vgg19_bn`` and most backdoor benchmarks. ``bn=False`` gives a model without any
+    BatchNorm (conv-bias-ReLU), the case every defense must handle or refuse on one line. The
+    pools use ``ceil_mode`` so 28x28 inputs (MNIST) keep a 1x1 map after the fifth.
+    """
+
+    description: ClassVar[str] = "VGG-16 (CIFAR variant, 13 convs + 1 linear), with or without BatchNorm"
+    paper: ClassVar[str] = "Simonyan & Zisserman, Very Deep Convolutional Networks for Large-Scale Image Recognition, ICLR 2015"
+
+    width: int = param(64, low=1, doc="channels of the first stage (64 in the paper)")
+    bn: bool = param(True, doc="BatchNorm after every conv (vgg16_bn); false: conv with bias, no normalisation")
+
+    def net(self, num_classes: int, in_channels: int) -> nn.Module:
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for stage, convs in enumerate((2, 2, 3, 3, 3)):
+            cout = self.width * 2 ** min(stage, 3)
+            for _ in range(convs):
+                layers.append(nn.Conv2d(cin, cout, 3, 1, 1, bias=not self.bn))
+                if self.bn:
+                    layers.append(nn.BatchNorm2d(cout))
+                layers.append(nn.ReLU(inplace=True))
+                cin = cout
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+        return nn.Sequential(*layers)

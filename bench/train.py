@@ -1,10 +1,24 @@
 """The one training loop of bdbench, in the spirit of airbench.
 
 Data stays on the device as uint8 tensors; each step draws a batch by index,
-augments it as a whole batch, lets an attack's per-batch hook rewrite it (WaNet's
-noise mode poisons on the fly this way), converts to float in [0, 1] in
-channels_last and runs forward and backward under bf16 autocast where the device
-supports it. No DataLoader, no per-sample Python.
+augments it as a whole batch, converts to float in [0, 1] in channels_last and runs
+forward and backward under bf16 autocast where the device supports it. No DataLoader,
+no per-sample Python.
+
+``TrainExtension`` is the loop's one extension point. Everything that must change how a
+model is trained, without a private copy of the loop, goes through it:
+
+- ``start(model, device)``: once before the first step (attach hooks, build optimisers).
+- ``batch(x, y, gen) -> (x, y)``: rewrite each augmented uint8 batch; may return float
+  images in [0, 1] (a generator's output, with gradient). WaNet's and NC's on-the-fly
+  poisoning and stamping live here.
+- ``loss(model, x, y, out, loss) -> loss``: add terms to the batch's cross-entropy (NAD's
+  attention distillation, FST's head penalty); ``x`` is the model's float input.
+- ``after_step(model)``: after the optimiser step (FST's head rescaling; an extension's own
+  optimiser for its own modules steps here).
+- ``end(model)``: once after the last step (remove hooks).
+
+Extensions compose: ``train(..., extensions=[a, b])`` calls them in order.
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,8 +35,37 @@ from torch import nn
 from bench.config import Config, param
 from bench.data import Augmentation, ImageSet, augment
 
-# hook(x_uint8, y, gen) -> (x_uint8, y): rewrites a training batch after augmentation.
-BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+class TrainExtension:
+    """The extension point of :func:`train`; every method is optional (the defaults do nothing)."""
+
+    def start(self, model: nn.Module, device: torch.device) -> None:
+        """Called once before the first step."""
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewrite an augmented uint8 batch; return uint8 images or float images in [0, 1]."""
+        return x, y
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Return the batch's loss, given its cross-entropy ``loss`` (``x`` is the float model input)."""
+        return loss
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after each optimiser step."""
+
+    def end(self, model: nn.Module) -> None:
+        """Called once after the last step, also when training fails."""
+
+
+class BatchRewrite(TrainExtension):
+    """An extension that only rewrites batches: ``fn(x_uint8, y, gen) -> (x, y)``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Generator], "tuple[torch.Tensor, torch.Tensor]"]) -> None:
+        self.fn = fn
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(x, y, gen)
 
 
 @dataclass(frozen=True)
@@ -71,8 +114,8 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def to_input(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float in [0, 1], channels_last when asked."""
-    x = x.float().div_(255)
+    """uint8 ``[B, C, H, W]`` -> float in [0, 1] (float input passes as it is), channels_last when asked."""
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -99,11 +142,16 @@ def train(
     *,
     seed: int,
     device: torch.device | str = "cpu",
-    hook: Optional[BatchHook] = None,
+    extensions: Sequence[TrainExtension] = (),
+    params: Optional[Iterable[nn.Parameter]] = None,
     progress: bool = False,
     desc: str = "train",
 ) -> dict:
-    """Train ``model`` in place on ``data``; return throughput and final-epoch loss/accuracy."""
+    """Train ``model`` in place on ``data``; return throughput and final-epoch loss/accuracy.
+
+    ``extensions`` plug into the loop (see :class:`TrainExtension`); ``params`` are the
+    parameters the SGD optimiser updates (default: all of the model's).
+    """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -113,11 +161,27 @@ def train(
     bs = min(cfg.batch_size, n)
     steps_per_epoch = n // bs  # the ragged last batch is dropped: tiny batches upset BatchNorm
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(list(model.parameters() if params is None else params), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bar = _bar(total, desc, progress)
+    for ext in extensions:
+        ext.start(model, device)
+    try:
+        stats = _loop(model, data, cfg, aug, gen, device, opt, sched, loss_fn, extensions, bar, steps_per_epoch, bs)
+    finally:
+        for ext in extensions:
+            ext.end(model)
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return stats
+
+
+def _loop(model, data, cfg, aug, gen, device, opt, sched, loss_fn, extensions, bar, steps_per_epoch, bs) -> dict:
+    n = len(data)
+    loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     t0, seen = time.perf_counter(), 0
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen).to(device)
@@ -125,15 +189,20 @@ def train(
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
             x, y = augment(data.x[idx], aug, gen), data.y[idx]
-            if hook is not None:
-                x, y = hook(x, y, gen)
+            for ext in extensions:
+                x, y = ext.batch(x, y, gen)
+            x = to_input(x, cfg.channels_last)
             with autocast(device, cfg.bf16):
-                out = model(to_input(x, cfg.channels_last))
+                out = model(x)
                 loss = loss_fn(out.float(), y)
+                for ext in extensions:
+                    loss = ext.loss(model, x, y, out, loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            for ext in extensions:
+                ext.after_step(model)
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
             count += len(y)
@@ -143,10 +212,7 @@ def train(
                 if i % 10 == 0 or i == steps_per_epoch - 1:
                     rate = seen / (time.perf_counter() - t0)
                     bar.set_postfix(ep=epoch + 1, loss=f"{loss_sum.item() / count:.3f}", acc=f"{correct.item() / count:.3f}", img_s=f"{rate:.0f}")
-    if bar is not None:
-        bar.close()
     seconds = time.perf_counter() - t0
-    model.eval()
     return {
         "seconds": seconds,
         "img_per_s": seen / max(seconds, 1e-9),

@@ -53,3 +53,12 @@ class Defense(Config):
 
     def __call__(self, model: nn.Module, clean, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ``BenchError`` if a setting names something ``model`` lacks (e.g. a layer name).
+
+        The grid calls it on a freshly built model of every (dataset, model) pair before any
+        training, so a typo fails on one line before work starts. A model the method cannot
+        handle at all (CLP on a model without BatchNorm) is not a settings error: the defense
+        raises that in ``__call__`` and only its cells fail.
+        """

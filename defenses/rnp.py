@@ -38,11 +38,12 @@ Defaults, and where they come from (official ``main.py`` arguments unless said o
 BatchNorm running statistics on the defense data (the training share with select=auto),
 in the chosen model, in every model of the sweep and in select=auto's held-out checks.
 
-``select="auto"`` picks the threshold from the defense data alone: a seeded ``holdout``
-fraction of it is set aside (unlearning and recovering use the rest); the threshold is the
-largest sweep value t such that, for every sweep value up to and including t, the pruned
-original model's held-out accuracy is >= the unpruned model's held-out accuracy minus
-``max_acc_drop``. If even t = 0 fails, t = 0 (the smallest sweep value) is used.
+``select="auto"`` picks the threshold from the defense data alone, with the shared helper
+``defenses.select`` (also ANP's): a seeded ``holdout`` fraction of it is set aside (unlearning
+and recovering use the rest); the threshold is the largest sweep value t such that, for every
+sweep value up to and including t, the pruned original model's held-out accuracy is >= the
+unpruned model's held-out accuracy minus ``max_acc_drop``. If even t = 0 fails, t = 0 (the
+smallest sweep value) is used. The masks come from the shared ``defenses.masks`` module.
 
 ``info``: ``unlearn_epochs`` (epochs begun), ``unlearn_steps``, ``unlearn_acc`` (the last stop
 check's accuracy) and ``unlearn_history`` (every check), ``unlearn_reached``; ``recover_acc``
@@ -69,20 +70,21 @@ Departures from the official code, all deliberate:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from bench.config import param
 from bench.data import ImageSet, augment
 from bench.registry import BenchError
 from bench.train import accuracy, autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
+from defenses.masks import MaskSet, attach_masks, prune
+from defenses.select import HOLDOUT, MAX_ACC_DROP, largest_within, split_holdout
 
 SWEEP: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0, 0.95, 0.05))  # official: 0..0.9 step 0.05
 
@@ -91,83 +93,6 @@ def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]
     """One shuffled epoch as round(n / batch_size) near-equal index batches (no tiny last batch)."""
     perm = torch.randperm(n, generator=gen)
     return list(torch.tensor_split(perm, max(1, round(n / batch_size))))
-
-
-class _ChannelScale(nn.Module):
-    """Parametrization ``weight -> weight * mask`` (the official MaskBatchNorm2d's neuron_mask)."""
-
-    def __init__(self, mask: nn.Parameter) -> None:
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
-
-
-@dataclass
-class MaskSet:
-    """Per-channel masks attached to a model: ``kind`` "bn" (BatchNorm2d weight) or "conv" (Conv2d output)."""
-
-    kind: str
-    masks: dict[str, nn.Parameter]
-    _undo: list = field(default_factory=list, repr=False)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.masks.values())
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        for m in self.masks.values():
-            m.clamp_(0.0, 1.0)
-
-    def values(self) -> dict[str, torch.Tensor]:
-        """Detached CPU copies, ``{layer name: mask}``."""
-        return {name: m.detach().float().cpu().clone() for name, m in self.masks.items()}
-
-    def remove(self) -> None:
-        """Take the masks off the model again (BN weights back to their own values)."""
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
-
-
-def attach_masks(model: nn.Module) -> MaskSet:
-    """Attach a mask (init 1) to every affine BatchNorm2d's weight, else to every Conv2d's output channels."""
-    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
-    out = MaskSet("bn" if bns else "conv", {})
-    for name, bn in bns:
-        mask = nn.Parameter(torch.ones_like(bn.weight))
-        parametrize.register_parametrization(bn, "weight", _ChannelScale(mask))
-        out.masks[name] = mask
-        out._undo.append(lambda bn=bn: parametrize.remove_parametrizations(bn, "weight", leave_parametrized=False))
-    if bns:
-        return out
-    for name, conv in model.named_modules():
-        if isinstance(conv, nn.Conv2d):
-            mask = nn.Parameter(torch.ones(conv.out_channels, device=conv.weight.device))
-            handle = conv.register_forward_hook(lambda mod, inp, y, mask=mask: y * mask.view(1, -1, 1, 1).to(y.dtype))
-            out.masks[name] = mask
-            out._undo.append(handle.remove)
-    if not out.masks:
-        raise BenchError("rnp needs a model with BatchNorm2d or Conv2d layers to attach its neuron masks to")
-    return out
-
-
-@torch.no_grad()
-def prune(model: nn.Module, masks: Mapping[str, torch.Tensor], threshold: float) -> int:
-    """Zero, in place, the BN weight (or conv output channel) of every channel whose mask is <= ``threshold``.
-
-    Returns the number of channels pruned. ``masks`` maps layer names of ``model`` to mask values.
-    """
-    count = 0
-    for name, mask in masks.items():
-        mod = model.get_submodule(name)
-        idx = (torch.as_tensor(mask) <= threshold).nonzero().flatten().to(mod.weight.device)
-        mod.weight[idx] = 0.0
-        if isinstance(mod, nn.Conv2d) and mod.bias is not None:
-            mod.bias[idx] = 0.0
-        count += len(idx)
-    return count
 
 
 @torch.no_grad()
@@ -222,12 +147,9 @@ class RNP(Defense):
     batch_size: int = param(128, low=1, doc="images per step (unlearning and recovering)")
     threshold: float = param(0.2, low=0.0, high=1.0, doc="prune channels with mask <= this (select=fixed)")
     select: Literal["fixed", "auto"] = param("fixed", doc="fixed threshold, or chosen on held-out defense data")
-    holdout: float = param(0.2, low=0.0, high=0.9, doc="select=auto: fraction of the defense data held out")
-    # 0.05: held out are ~100 of 500 images, so one image is 1 point and the binomial standard
-    # error of a ~95 % accuracy is ~2 points; 5 points is ~2 SE: small enough to keep CA, large
-    # enough not to stop on noise. Applied to the official log's test CA it would pick 0.6
-    # (CA -4.0 points, ASR 0.26 %); a 2-point bound would pick 0.3 (ASR 1.7 %).
-    max_acc_drop: float = param(0.05, low=0.0, high=1.0, doc="select=auto: allowed held-out accuracy drop")
+    holdout: float = param(HOLDOUT, low=0.0, high=0.9, doc="select=auto: fraction of the defense data held out")
+    # 0.05: the evidence is in defenses/select.py (MAX_ACC_DROP).
+    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out accuracy drop")
     # Off by default (the official code keeps the original running statistics). Zeroing a
     # channel shifts the statistics of every BatchNorm after it; in a wide network (ResNet-18:
     # 4800 channels, 24 pruned in the official log) the shift is negligible, in a narrow one it
@@ -314,12 +236,8 @@ class RNP(Defense):
                          data: ImageSet, ctx: DefenseContext) -> tuple[float, float, list[float]]:
         """select=auto: (threshold, unpruned held-out accuracy, held-out accuracy at each sweep value tried)."""
         base = accuracy(model, held, device=ctx.device, bf16=ctx.bf16)
-        chosen, accs = SWEEP[0], []
-        for t in SWEEP:
-            accs.append(accuracy(self.pruned(model, masks, t, data, ctx)[0], held, device=ctx.device, bf16=ctx.bf16))
-            if accs[-1] < base - self.max_acc_drop:
-                break
-            chosen = t
+        acc_at = lambda t: accuracy(self.pruned(model, masks, t, data, ctx)[0], held, device=ctx.device, bf16=ctx.bf16)  # noqa: E731
+        chosen, accs = largest_within(SWEEP, acc_at, base, self.max_acc_drop)
         return chosen, base, accs
 
     # ------------------------------------------------------------ the defense
@@ -328,11 +246,7 @@ class RNP(Defense):
         model = model.to(ctx.device)
         data, held = clean.to(ctx.device), None
         if self.select == "auto":
-            perm = torch.randperm(len(data), generator=gen).to(ctx.device)
-            n_held = int(round(self.holdout * len(data)))
-            if not 0 < n_held < len(data):
-                raise BenchError(f"rnp.holdout={self.holdout} leaves no held-out or no training images of {len(data)}")
-            held, data = data.subset(perm[:n_held]), data.subset(perm[n_held:])
+            data, held = split_holdout(data, self.holdout, gen, "rnp")
 
         work = copy.deepcopy(model)  # the model passed in stays untouched: pruning starts from it
         un = self.unlearn(work, data, ctx, gen)

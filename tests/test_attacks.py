@@ -46,7 +46,7 @@ def prepared(name: str, c: int = 3, size: int = 32, seed: int = 0, **fields):
 
 
 def on_the_fly(atk) -> bool:
-    return atk.train_hook() is not None
+    return atk.train_extension() is not None
 
 
 # ---------------------------------------------------------------- contract, every attack
@@ -246,7 +246,7 @@ def test_wanet_small_warp(c, s):
 @pytest.mark.parametrize("label_mode", ["all2one", "all2all"])
 def test_wanet_hook(label_mode):
     atk, _ = prepared("wanet", label_mode=label_mode)
-    hook = atk.train_hook()
+    hook = atk.train_extension().batch
     x = smooth_set(n=128)
     y = 1 + torch.arange(128) % (K - 1)  # no target-class image: relabelling is visible
     xo, yo = hook(x, y, torch.Generator().manual_seed(0))
@@ -270,7 +270,7 @@ def test_wanet_hook(label_mode):
 def test_wanet_hook_relabels_target_class_too():
     # the official loop relabels the first num_bd images of the batch whatever their label
     atk, train = prepared("wanet", target=0)
-    xo, yo = atk.train_hook()(train.x, train.y, torch.Generator().manual_seed(0))
+    xo, yo = atk.train_extension().batch(train.x, train.y, torch.Generator().manual_seed(0))
     nb, _ = atk.batch_counts(len(train.y))
     assert (yo[:nb] == 0).all() and torch.equal(yo[nb:], train.y[nb:])
 

@@ -11,7 +11,7 @@ from bench.config import Config, build, param, parse_sets
 from bench.data import DATASETS, Augmentation, ImageSet, augment, defense_subset
 from bench.models import MODELS
 from bench.registry import BenchError, Registry
-from bench.train import TrainConfig, accuracy, predict, train
+from bench.train import TrainConfig, TrainExtension, accuracy, predict, train
 from defenses import DEFENSES
 
 ALL = [("attack", ATTACKS), ("defense", DEFENSES), ("dataset", DATASETS), ("model", MODELS)]
@@ -150,15 +150,66 @@ def test_training_learns_and_is_reproducible_on_cpu():
     assert predict(m1, test_set.x[:5]).shape == (5,)
 
 
-def test_train_hook_sees_every_batch():
+def test_train_extension_points_are_called_in_order():
     train_set, _ = DATASETS.get("synthetic")(n_train=256, n_test=10).load()
     calls = []
 
-    def hook(x, y, gen):
-        calls.append(len(x))
-        return x, torch.zeros_like(y)
+    class Ext(TrainExtension):
+        def start(self, model, device):
+            calls.append("start")
+
+        def batch(self, x, y, gen):
+            calls.append(("batch", len(x), x.dtype))
+            return x, torch.zeros_like(y)
+
+        def loss(self, model, x, y, out, loss):
+            calls.append(("loss", x.dtype))
+            return loss
+
+        def after_step(self, model):
+            calls.append("after")
+
+        def end(self, model):
+            calls.append("end")
 
     m = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.29,) * 3)
-    stats = train(m, train_set, TrainConfig(epochs=2, batch_size=64), Augmentation(0, False), seed=0, hook=hook)
-    assert calls == [64] * 8
-    assert stats["train_acc"] > 0.9  # every label was rewritten to 0 by the hook: easy to fit
+    stats = train(m, train_set, TrainConfig(epochs=2, batch_size=64), Augmentation(0, False), seed=0, extensions=[Ext()])
+    per_step = [("batch", 64, torch.uint8), ("loss", torch.float32), "after"]
+    assert calls == ["start"] + per_step * 8 + ["end"]
+    assert stats["train_acc"] > 0.9  # every label was rewritten to 0 by the extension: easy to fit
+
+
+def test_train_extension_may_return_float_images_and_extra_loss_moves_the_model():
+    train_set, _ = DATASETS.get("synthetic")(n_train=128, n_test=10).load()
+
+    class Half(TrainExtension):  # float input in [0, 1], and a loss term that pulls the head to zero
+        def batch(self, x, y, gen):
+            return x.float() / 255 * 0.5, y
+
+        def loss(self, model, x, y, out, loss):
+            assert x.dtype == torch.float32 and float(x.max()) <= 0.5
+            return loss + 1.0 * model.net[-1].weight.pow(2).sum()
+
+    def run(exts):
+        m = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.29,) * 3)
+        train(m, train_set, TrainConfig(epochs=1, batch_size=64), Augmentation(0, False), seed=0, extensions=exts)
+        return m.net[-1].weight.norm().item()
+
+    assert run([Half()]) < 0.5 * run([])
+
+
+def test_train_extension_end_runs_when_training_fails():
+    train_set, _ = DATASETS.get("synthetic")(n_train=64, n_test=10).load()
+    ended = []
+
+    class Boom(TrainExtension):
+        def batch(self, x, y, gen):
+            raise RuntimeError("boom")
+
+        def end(self, model):
+            ended.append(True)
+
+    m = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.29,) * 3)
+    with pytest.raises(RuntimeError):
+        train(m, train_set, TrainConfig(epochs=1, batch_size=32), Augmentation(0, False), seed=0, extensions=[Boom()])
+    assert ended == [True]

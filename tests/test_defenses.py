@@ -21,7 +21,8 @@ from bench.registry import BenchError
 from bench.train import TrainConfig, accuracy, to_input, train
 from defenses import DEFENSES, DefenseContext, DefenseResult
 from defenses.fp import FinePruning, head_features, last_linear
-from defenses.rnp import RNP, SWEEP, attach_masks, batches, prune, recalibrate_bn
+from defenses.masks import attach_masks, prune
+from defenses.rnp import RNP, SWEEP, batches, recalibrate_bn
 
 SYN = DATASETS.get("synthetic")(n_train=600, n_test=10)
 
