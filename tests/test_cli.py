@@ -15,7 +15,7 @@ TINY = ["--set", "synthetic.n_train=300", "--set", "synthetic.n_test=100", "--se
     (["--attack", "badnet"], "unknown attack 'badnet' (did you mean badnets"),
     (["--defense", "rnpp"], "unknown defense 'rnpp' (did you mean rnp"),
     (["--dataset", "cifar100"], "unknown dataset 'cifar100' (did you mean cifar10?)"),
-    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--model", "vgg11"], "unknown model 'vgg11' (did you mean vgg?)"),
     (["--preset", "fast"], "unknown preset 'fast'; allowed: demo, quick, paper"),
     (["--seeds", "a,b"], "--seeds 'a,b' is not a list of integers"),
     (["--jobs", "0"], "--jobs 0 must be >= 1"),
