@@ -139,14 +139,18 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-def report(run_dir) -> None:
+@click.option("--compare", is_flag=True, help="also print our cells beside the published ones (results/reference/), with each side's direction")
+def report(run_dir, compare) -> None:
     """Regenerate tables and plots from RUN_DIR/records.jsonl."""
-    from bench.report import load_records, markdown_table, write_reports
+    from bench.report import compare_markdown, load_records, markdown_table, write_reports
 
     if not Path(run_dir).is_dir():
         raise BenchError(f"run folder {run_dir} does not exist")
     paths = write_reports(run_dir)
-    click.echo(markdown_table(load_records(run_dir)))
+    records = load_records(run_dir)
+    click.echo(markdown_table(records))
+    if compare:
+        click.echo(compare_markdown(records) or "no cell of this run matches a published reference table (results/reference/)")
     click.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
 
 

@@ -637,34 +637,58 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-LEADERBOARD = "backdoorbench_leaderboard_cifar10_preactresnet18_p0.1"
+# Published leaderboards by our dataset name: BackdoorBench, PreAct-ResNet18, 10 % poisoning.
+LEADERBOARDS = {"cifar10": "backdoorbench_leaderboard_cifar10_preactresnet18_p0.1",
+                "gtsrb": "backdoorbench_leaderboard_gtsrb_preactresnet18_p0.1"}
+LEADERBOARD = LEADERBOARDS["cifar10"]
 RNP_LOG = "rnp_official_log_badnets_cifar10"
+# BackdoorBench's attack names -> ours (after _norm); defenses match after _norm (i-BAU -> ibau).
+ATTACK_ALIASES = {"badnet": "badnets", "blended": "blend", "inputaware": "iad", "trojannn": "trojan",
+                  "lowfrequency": "lf", "labelconsistent": "lc"}
+REMOVED = 20.0  # "removes the backdoor": ASR after the defense <= 20 % (the issue's bar)
+
+
+def _direction(asr: float | None) -> str:
+    return "-" if asr is None else ("removes" if asr <= REMOVED else "keeps")
 
 
 def compare_markdown(records: list[dict]) -> str:
     """Our numbers beside published ones where the (dataset, attack, defense) match; "" if none do.
 
-    The settings differ (model width, epochs, trigger details): the published source
-    and setting lines are quoted with each table so the reader can judge.
+    The settings differ (model, width, epochs, defense data, trigger details): the published
+    source and setting lines are quoted with each table, and the "direction" columns say
+    whether each side removes the backdoor (ASR <= 20 %), which is what should agree.
     """
     parts = []
     names = set(reference_names())
-    cifar = [r for r in records if _norm(str(r["dataset"])) == "cifar10"]
-    if LEADERBOARD in names and cifar:
-        ref = reference_table(LEADERBOARD)
-        pub = {(_norm(r["attack"]), _norm(r["defense"])): r for r in ref.rows}
-        lines = []
-        for t in build_tables(cifar):
+    for dataset, board in LEADERBOARDS.items():
+        recs = [r for r in records if _norm(str(r["dataset"])) == dataset]
+        if board not in names or not recs:
+            continue
+        ref = reference_table(board)
+        pub = {(ATTACK_ALIASES.get(_norm(r["attack"]), _norm(r["attack"])), _norm(r["defense"])): r for r in ref.rows}
+        lines, agree, total = [], 0, 0
+        for t in build_tables(recs):
             for a in t.attacks:
                 for d in t.defenses:
                     c, p = t.cell(a, d), pub.get((_norm(a), _norm(d)))
                     if c is None or p is None:
                         continue
-                    lines.append(f"| {t.model} | {a} | {d} | {c.text('ca')} | {p['ca_pct']} | {c.text('asr')} | {p['asr_pct']} |")
+                    ours, theirs = _direction(c.mean("asr")), _direction(float(p["asr_pct"]))
+                    same = "-" if d == "none" or "-" in (ours, theirs) else ("yes" if ours == theirs else "no")
+                    if same != "-":
+                        total += 1
+                        agree += same == "yes"
+                    lines.append(f"| {t.model} | {a} | {d} | {c.text('ca')} | {p['ca_pct']} | {c.text('asr')} | {p['asr_pct']} "
+                                 f"| {ours if d != 'none' else '-'} | {theirs if d != 'none' else '-'} | {same} |")
         if lines:
-            parts.append("\n".join(["### Against the BackdoorBench leaderboard", ""] + [f"> {s}" for s in ref.source]
-                                   + ["", "| our model | attack | defense | CA ours | CA published | ASR ours | ASR published |",
-                                      "|---|---|---|---:|---:|---:|---:|"] + lines))
+            parts.append("\n".join(
+                [f"### Against the BackdoorBench leaderboard ({dataset})", ""] + [f"> {s}" for s in ref.source]
+                + ["", f"Direction: a defense 'removes' the backdoor when its ASR is <= {REMOVED:g} %. "
+                       f"Our direction agrees with the published one in {agree} of {total} defended cells.", "",
+                   "| our model | attack | defense | CA ours | CA published | ASR ours | ASR published | ours | published | agree |",
+                   "|---|---|---|---:|---:|---:|---:|---|---|---|"] + lines))
+    cifar = [r for r in records if _norm(str(r["dataset"])) == "cifar10"]
     sweeps = [r for r in cifar if _norm(str(r["defense"])) == "rnp" and _norm(str(r["attack"])) == "badnets"
               and isinstance(r.get("info"), dict) and isinstance(r["info"].get("oracle_curve"), list)]
     if RNP_LOG in names and sweeps:

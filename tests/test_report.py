@@ -237,3 +237,19 @@ def test_reference_tables_keep_their_source_and_compare_with_ours():
     assert "| resnet18 | badnets | none | 93.00 | 91.32 | 100.00 | 95.03 |" in cmp
     assert "| resnet18 s0 | 0.20 | 30 | 24 | 90.00 | 92.80 | 5.00 | 6.61 |" in cmp
     assert compare_markdown(hand_records()) == ""
+
+
+def test_compare_gives_each_sides_direction_on_gtsrb():
+    # BackdoorBench GTSRB (PreAct-ResNet18, 10 %): FT removes BadNets (ASR 5.09) but not Blended (100.00);
+    # NC removes both (0.01, 8.03). Ours: FT removes BadNets and not Blend (agree, agree); NC keeps Blend (disagree).
+    recs = [rec("badnets", "ft", 0, 0.95, 0.03, 0.9, dataset="gtsrb", model="resnet18"),
+            rec("blend", "ft", 0, 0.95, 0.90, 0.05, dataset="gtsrb", model="resnet18"),
+            rec("blend", "nc", 0, 0.95, 0.60, 0.3, dataset="gtsrb", model="resnet18"),
+            rec("blend", "rnp", 0, 0.95, 0.01, 0.3, dataset="gtsrb", model="resnet18")]  # not on the leaderboard
+    cmp = compare_markdown(recs)
+    assert "### Against the BackdoorBench leaderboard (gtsrb)" in cmp
+    assert "| resnet18 | badnets | ft | 95.00 | 98.73 | 3.00 | 5.09 | removes | removes | yes |" in cmp
+    assert "| resnet18 | blend | ft | 95.00 | 98.57 | 90.00 | 100.00 | keeps | keeps | yes |" in cmp
+    assert "| resnet18 | blend | nc | 95.00 | 97.76 | 60.00 | 8.03 | keeps | removes | no |" in cmp
+    assert "| blend | rnp |" not in cmp
+    assert "agrees with the published one in 2 of 3 defended cells" in cmp
