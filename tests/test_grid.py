@@ -174,3 +174,41 @@ def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path):
     assert [r["cell"] for r in parallel] == [r["cell"] for r in serial]  # records in grid order
     for a, b in zip(serial, parallel):
         assert b["status"] == "ok" and a["metrics"] == b["metrics"]  # same seed, same result, whatever the process
+
+
+SEEN: list = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Spy(Defense):
+    name = "spy"
+    description = "test-only: records what a defense receives"
+    paper = "-"
+
+    def __call__(self, model, clean, ctx):
+        SEEN.append((clean.x.clone(), clean.y.clone(), dict(vars(ctx))))
+        return DefenseResult(model, {})
+
+
+def test_a_defense_receives_only_clean_training_images_and_no_attack_facts(tmp_path):
+    """Fails if the grid hands a defense test images, poisoned images, or the attack's target or trigger."""
+    from bench.data import DATASETS
+    from bench.grid import load_backdoored
+
+    SEEN.clear()
+    cells = cells_with([Spy()])
+    recs = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda s: None)
+    assert recs[0]["status"] == "ok" and len(SEEN) == 1
+    x, y, ctx = SEEN[0]
+    assert set(ctx) == {"num_classes", "augmentation", "seed", "device", "bf16", "progress"}  # nothing about the attack
+    train_set, test_set = DATASETS.get("synthetic")(n_train=300, n_test=100).load()
+    _, _, poison_idx, triggered = load_backdoored(cells[0].job, "cpu")
+    rows = lambda t: {bytes(r.numpy().tobytes()) for r in t.flatten(1)}  # noqa: E731
+    ours = rows(x)
+    assert len(ours) == len(x) == 40
+    clean_train = torch.ones(len(train_set), dtype=torch.bool)
+    clean_train[poison_idx] = False
+    assert ours <= rows(train_set.x[clean_train]), "only clean training images"
+    assert not ours & rows(test_set.x) and not ours & rows(triggered.x), "no test image, clean or triggered"
+    lookup = {bytes(r.numpy().tobytes()): int(l) for r, l in zip(train_set.x.flatten(1), train_set.y)}
+    assert [lookup[bytes(r.numpy().tobytes())] for r in x.flatten(1)] == y.tolist(), "with their true labels"
