@@ -246,6 +246,8 @@ def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoo
     rec["metrics"] = evaluate(result.model, test_set, triggered, device=device, bf16=job.train.bf16)
     rec["info"] = dict(result.info)
     rec["info"]["defense_images"] = len(clean)
+    if result.tensors:  # saved by run_grid as RUN_DIR/tensors/<cell>.safetensors before the record
+        rec["_tensors"] = {k: v.detach().cpu() for k, v in result.tensors.items()}
     if result.sweep is not None and cell.run.sweep:
         # Oracle view: the whole operating curve on the TEST sets, for plots only; the defense chose before this.
         curve = []
@@ -362,6 +364,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.cells = self.path / "cells"
+        self.tensors = self.path / "tensors"  # tensors a defense returns (NC's reversed triggers), one file per cell
 
     def lock(self):
         """Hold an exclusive lock for the run; a second concurrent run on the same folder is refused."""
@@ -449,6 +452,10 @@ def run_grid(
                 ready.append(c)
         rd.write_records(order)
         for rec in _parallel(_safe_cell, [(c, data_dir, device, preset, backdoors[c.job.key]) for c in ready], jobs, threads):
+            tensors = rec.pop("_tensors", None)
+            if tensors:  # written before the record, so a finished cell always has its tensors
+                save_tensors(rd.tensors / f"{rec['cell']}.safetensors", tensors)
+                rec["info"]["tensors_file"] = f"tensors/{rec['cell']}.safetensors"
             rd.write_cell(rec)
             rd.write_records(order)
             if rec["status"] == "ok":

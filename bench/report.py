@@ -573,12 +573,27 @@ def plot_gallery(run_dir: Path, records: list[dict], path: Path) -> Path | None:
         return None
     items.sort(key=lambda it: (it[0], it[1], it[2], it[3]))
     several = len({it[1] for it in items}) > 1
+    reversed_ = _reversed_triggers(run_dir, records)
     from matplotlib.figure import Figure
 
     n = len(items)
-    fig = Figure(figsize=(1.55 * n + 0.9, 5.0), layout="constrained")
-    axes = fig.subplots(3, n, squeeze=False)
+    rows = 4 if reversed_ else 3
+    fig = Figure(figsize=(1.55 * n + 0.9, 1.65 * rows + 0.1), layout="constrained")
+    axes = fig.subplots(rows, n, squeeze=False)
     for j, (_, ds, _, attack, clean, trig) in enumerate(items):
+        if reversed_:
+            ax = axes[3, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel("NC reversed\n(mask x pattern)", fontsize=9)
+            got = reversed_.get((ds, attack))
+            if got is None:
+                ax.set_axis_off()
+            else:
+                img, caption = got
+                ax.imshow(img[0].numpy() if img.shape[0] == 1 else img[:3].permute(1, 2, 0).numpy(),
+                          cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+                ax.set_xlabel(caption, fontsize=7)
         diff = (trig.int() - clean.int()).abs().amax(0).float()
         scale = 255.0 / max(float(diff.max()), 1.0)
         for i, (img, label) in enumerate(((clean, "clean"), (trig, "triggered"), (None, "|difference|\n(amplified)"))):
@@ -597,6 +612,31 @@ def plot_gallery(run_dir: Path, records: list[dict], path: Path) -> Path | None:
                 ax.set_ylabel(label, fontsize=9)
     fig.suptitle("Trigger gallery" + ("" if several else f" ({items[0][1]})"))
     return _save(fig, path)
+
+
+def _reversed_triggers(run_dir: Path, records: list[dict]) -> dict[tuple[str, str], tuple]:
+    """{(dataset, attack): (mask x pattern image, caption)} from NC's saved triggers, lowest seed first.
+
+    The label shown is the one with the smallest mask norm (NC's most suspicious label); the
+    caption says whether NC flagged it.
+    """
+    from bench.store import load_tensors
+
+    out: dict[tuple[str, str], tuple] = {}
+    for r in sorted(records, key=lambda r: r.get("seed", 0)):
+        rel = (r.get("info") or {}).get("tensors_file") if r.get("defense") == "nc" and _ok(r) else None
+        key = (str(r["dataset"]), str(r["attack"]))
+        if not rel or key in out or not (run_dir / rel).is_file():
+            continue
+        try:
+            t = load_tensors(run_dir / rel)
+            k = int(t["norms"].argmin())
+            label, flagged = int(t["labels"][k]), bool(t["flagged"][k])
+            out[key] = ((t["masks"][k] * t["patterns"][k]).float().clamp(0, 1),
+                        f"label {label}, |m| {float(t['norms'][k]):.0f}" + (", flagged" if flagged else ""))
+        except Exception as exc:  # one bad file never spoils the report
+            warnings.warn(f"gallery: skipping {rel}: {type(exc).__name__}: {exc}", stacklevel=2)
+    return out
 
 
 # ---------------------------------------------------------------- published reference numbers

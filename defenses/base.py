@@ -44,6 +44,7 @@ class DefenseResult:
     model: nn.Module
     info: dict = field(default_factory=dict)  # JSON-able facts: what was pruned, epochs, ...
     sweep: Optional[Callable[[], Iterator[tuple]]] = None  # yields (setting, model[, facts])
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. NC's reversed triggers, saved as safetensors
 
 
 @dataclass(frozen=True)

@@ -212,3 +212,32 @@ def test_a_defense_receives_only_clean_training_images_and_no_attack_facts(tmp_p
     assert not ours & rows(test_set.x) and not ours & rows(triggered.x), "no test image, clean or triggered"
     lookup = {bytes(r.numpy().tobytes()): int(l) for r, l in zip(train_set.x.flatten(1), train_set.y)}
     assert [lookup[bytes(r.numpy().tobytes())] for r in x.flatten(1)] == y.tolist(), "with their true labels"
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeNC(Defense):
+    name = "nc"
+    description = "test-only: returns reversed-trigger tensors as NC does"
+    paper = "-"
+
+    def __call__(self, model, clean, ctx):
+        masks = torch.zeros(10, 1, 32, 32)
+        masks[3, :, -4:, -4:] = 1.0
+        tensors = {"labels": torch.arange(10), "masks": masks, "patterns": torch.ones(10, 3, 32, 32),
+                   "norms": masks.flatten(1).sum(1) + torch.arange(10.0), "flagged": torch.arange(10) == 3}
+        return DefenseResult(model, {}, tensors=tensors)
+
+
+def test_defense_tensors_are_saved_with_the_cell_and_shown_in_the_gallery(tmp_path):
+    from bench.report import _reversed_triggers, load_records, write_reports
+
+    run = tmp_path / "run"
+    recs = run_grid(cells_with([FakeNC()]), run, preset="demo", progress=False, log=lambda s: None)
+    assert recs[0]["status"] == "ok" and "_tensors" not in recs[0]
+    rel = recs[0]["info"]["tensors_file"]
+    saved = store.load_tensors(run / rel)
+    assert saved["masks"].shape == (10, 1, 32, 32) and bool(saved["flagged"][3])
+    shown = _reversed_triggers(run, load_records(run))
+    img, caption = shown[("synthetic", "badnets")]
+    assert caption == "label 0, |m| 0" and float(img.sum()) == 0  # label 0 has the smallest norm (0 + 0)
+    assert "gallery.png" in write_reports(run)
