@@ -342,3 +342,24 @@ def test_fp_finetune_keeps_pruned_columns_zero(model, sets):
     assert res.info["channels_pruned"] > 0
     assert sorted((w == 0).all(0).nonzero().flatten().tolist()) == sorted(res.info["pruned_channels"])
     assert not any("weight_orig" in k or "weight_mask" in k for k in res.model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def plain_model(sets) -> nn.Module:
+    """A model without any BatchNorm (vgg, bn=False), briefly trained."""
+    m = MODELS.get("vgg")(width=4, bn=False).build(10, 3, SYN.mean, SYN.std, seed=0)
+    train(m, sets[0], TrainConfig(epochs=1, batch_size=50, lr=0.05), SYN.augmentation, seed=0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_handles_a_model_without_batchnorm_or_says_why_on_one_line(name, plain_model, sets):
+    try:
+        res = DEFENSES.get(name)()(copy.deepcopy(plain_model), sets[1], ctx())
+    except BenchError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and "BatchNorm" in msg, msg  # names what the defense needs
+        return
+    x = sets[1].x[:4].float() / 255
+    assert res.model(x).shape == (4, 10)
+    json.dumps(res.info)
