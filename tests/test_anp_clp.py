@@ -1,0 +1,329 @@
+"""ANP and CLP: the rules each paper states, checked on tiny synthetic models in seconds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import defenses.anp
+import defenses.rnp
+import defenses.select
+from bench.cli import main
+from bench.config import build
+from bench.data import DATASETS, ImageSet
+from bench.models import MODELS
+from bench.registry import BenchError
+from bench.train import TrainConfig, train
+from defenses import DefenseContext
+from defenses.anp import ANP
+from defenses.clp import CLP, SWEEP as U_SWEEP, channel_lipschitz, conv_bn_pairs
+from defenses.masks import MaskSet
+from defenses.rnp import RNP, SWEEP
+
+SYN = DATASETS.get("synthetic")(n_train=600, n_test=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast and does not spin on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sets() -> tuple[ImageSet, ImageSet]:
+    train_set, _ = SYN.load()
+    return train_set.subset(torch.arange(500)), train_set.subset(torch.arange(500, 564))
+
+
+@pytest.fixture(scope="module")
+def model(sets) -> nn.Module:
+    m = MODELS.get("smallcnn")(width=8).build(10, 3, SYN.mean, SYN.std, seed=0)
+    train(m, sets[0], TrainConfig(epochs=4, batch_size=50, lr=0.1), SYN.augmentation, seed=0)
+    return m.eval()
+
+
+def ctx(seed: int = 0) -> DefenseContext:
+    return DefenseContext(num_classes=10, augmentation=SYN.augmentation, seed=seed)
+
+
+def state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+FAST_ANP = dict(iterations=15, batch_size=32, threshold=0.6)  # 15 steps on a clean model: a few masks reach 0.6
+
+
+@pytest.fixture(scope="module")
+def anp_run(model, sets):
+    before = state(model)
+    return before, ANP(**FAST_ANP)(model, sets[1], ctx())
+
+
+# ---------------------------------------------------------------- ANP
+
+
+def _record_perturbed(monkeypatch) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Record (noise, masks) each time the model computes with its perturbations switched on."""
+    seen: list = []
+    original = MaskSet.perturbed
+
+    def spy(self):
+        seen.append(([p.detach().clone() for p in self.noise_parameters()], [m.detach().clone() for m in self.parameters()]))
+        return original(self)
+
+    monkeypatch.setattr(MaskSet, "perturbed", spy)
+    return seen
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_anp_perturbation_stays_within_eps_and_masks_within_unit_interval(model, sets, monkeypatch, steps):
+    seen = _record_perturbed(monkeypatch)
+    eps, iters = 0.4, 6
+    ANP(iterations=iters, batch_size=32, eps=eps, steps=steps)(copy.deepcopy(model), sets[1], ctx())
+    assert len(seen) == iters * (steps + 1), "steps ascent passes and one mask pass per iteration"
+    for noise, masks in seen:
+        assert all(n.abs().max() <= eps + 1e-6 for n in noise)
+        assert all(0.0 <= m.min() and m.max() <= 1.0 for m in masks)
+    # The ascent moved the noise: the mask pass does not see the random start.
+    assert any(not torch.equal(a, b) for a, b in zip(seen[0][0], seen[steps][0]))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_anp_official_step_is_signed_of_size_eps_over_steps(model, sets, monkeypatch, steps):
+    """project_noise=False is the official code: signed steps of eps / steps from a uniform start, unprojected."""
+    seen = _record_perturbed(monkeypatch)
+    eps = 0.4
+    ANP(iterations=2, batch_size=32, eps=eps, steps=steps, project_noise=False)(copy.deepcopy(model), sets[1], ctx())
+    start, stepped = torch.cat(seen[0][0]), torch.cat(seen[1][0])
+    moved = (stepped - start).abs()
+    assert start.abs().max() <= eps and (moved > 0).any()
+    assert torch.all((moved < 1e-6) | ((moved - eps / steps).abs() < 1e-6))
+    if steps == 1:
+        assert stepped.abs().max() > eps, "unprojected, the official step leaves the eps ball"
+
+
+def test_anp_eps_zero_never_perturbs(model, sets, monkeypatch):
+    seen = _record_perturbed(monkeypatch)
+    assert ANP(iterations=3, batch_size=32, eps=0.0)(copy.deepcopy(model), sets[1], ctx()).info["iterations"] == 3
+    assert seen == []
+
+
+def test_anp_prunes_exactly_the_channels_at_or_below_the_threshold(model, anp_run):
+    before, res = anp_run
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items()), "masks are learnt on a copy"
+    info, after = res.info, state(res.model)
+    thr, masks = info["threshold"], info["masks"]
+    assert thr == 0.6 and info["select"] == "fixed" and info["mask_kind"] == "bn"
+    assert all(0.0 <= v <= 1.0 for vs in masks.values() for v in vs)
+    zeroed = 0
+    for key, t in before.items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in masks and leaf == "weight":
+            m = torch.tensor(masks[layer])
+            cut = after[key] == 0
+            clear = (m - thr).abs() > 1e-4  # info masks are rounded; skip values at the threshold
+            assert torch.equal(cut[clear], (m <= thr)[clear])
+            assert torch.equal(after[key][~cut], t[~cut])
+            zeroed += int(cut.sum())
+        else:
+            assert torch.equal(after[key], t), f"{key} changed"
+    assert zeroed == info["channels_pruned"] > 0
+    assert info["channels_total"] == sum(len(v) for v in masks.values()) == 112
+
+
+def test_anp_pruned_zeroes_planted_masks_and_sweeps_the_official_grid(model, anp_run):
+    planted = {"net.1": torch.tensor([0.0, 0.2, 0.21, 1.0, 0.5, 0.05, 0.9, 0.2])}
+    pruned, n = ANP().pruned(model, planted, 0.2)
+    w = pruned.get_submodule("net.1").weight
+    assert n == 4 and (w == 0).nonzero().flatten().tolist() == [0, 1, 5, 7]
+    _, res = anp_run
+    points = list(res.sweep())
+    assert [p[0] for p in points] == list(SWEEP)
+    counts = [sum(int((m.get_submodule(k).weight == 0).sum()) for k in res.info["masks"]) for _, m, _ in points]
+    assert counts == [f["channels_pruned"] for *_, f in points] == sorted(counts)
+    assert counts[SWEEP.index(0.6)] == res.info["channels_pruned"]
+
+
+def test_select_auto_is_the_shared_helper_in_rnp_and_anp(model, sets, monkeypatch):
+    for name in ("split_holdout", "largest_within"):
+        shared = getattr(defenses.select, name)
+        assert getattr(defenses.anp, name) is shared and getattr(defenses.rnp, name) is shared
+    calls: list[tuple[str, str]] = []
+    for mod in (defenses.anp, defenses.rnp):
+        for name in ("split_holdout", "largest_within"):
+            real = getattr(defenses.select, name)
+            monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, _m=mod.__name__, **k: (calls.append((_m, _n)), _r(*a, **k))[1])
+    RNP(select="auto", batch_size=32, unlearn_lr=0.05, recover_epochs=2)(copy.deepcopy(model), sets[1], ctx())
+    res = ANP(select="auto", **FAST_ANP)(copy.deepcopy(model), sets[1], ctx())
+    assert sorted(calls) == sorted((m, n) for m in ("defenses.anp", "defenses.rnp") for n in ("split_holdout", "largest_within"))
+    info = res.info
+    assert info["select"] == "auto" and info["holdout_images"] == 13 and info["threshold"] in SWEEP
+    # The documented rule: the largest sweep value up to which held-out accuracy stays within the bound,
+    # evaluated in order and stopped at the first failure.
+    accs = list(info["auto_accs"].values())
+    ok = [a >= info["auto_base_acc"] - ANP().max_acc_drop for a in accs]
+    n_ok = ok.index(False) if False in ok else len(ok)
+    assert len(accs) == (n_ok + 1 if n_ok < len(ok) else len(SWEEP)), "tried in order, stopped at the first failure"
+    assert info["threshold"] == SWEEP[max(n_ok - 1, 0)]
+
+
+def test_anp_without_batchnorm_masks_conv_channels(sets):
+    m = MODELS.get("vgg")(width=2, bn=False).build(10, 3, SYN.mean, SYN.std, seed=0).eval()
+    before = state(m)
+    res = ANP(iterations=3, batch_size=16, threshold=1.0)(m, sets[1], ctx())
+    info = res.info
+    assert info["mask_kind"] == "conv" and info["channels_pruned"] == info["channels_total"] > 0
+    x = sets[1].x[:4].float() / 255
+    assert torch.all(res.model(x) == res.model(x)[0]), "every conv channel pruned: a constant output"
+    assert all(torch.equal(v, before[k]) for k, v in state(m).items())
+
+
+def test_anp_settings_are_checked():
+    for kw in (dict(eps=-1), dict(alpha=1.5), dict(steps=0), dict(iterations=0), dict(threshold=1.2),
+               dict(select="best"), dict(select="auto", holdout=0.0), dict(max_epochs=-1)):
+        with pytest.raises(BenchError):
+            ANP(**kw)
+    with pytest.raises(BenchError, match=r"anp.eps=-1.0 is out of range"):
+        build(ANP, {"eps": "-1"})
+    # The budget: the official 2000 iterations, capped at max_epochs passes over the defense data.
+    assert ANP().iterations == 2000 and ANP(max_epochs=0).n_iterations(64) == 2000
+    assert ANP(max_epochs=10).n_iterations(500) == 40 and ANP(max_epochs=10, iterations=20).n_iterations(500) == 20
+    assert ANP().n_iterations(500) == 98 and ANP(max_epochs=0.01).n_iterations(10) == 1
+
+
+def test_bad_settings_fail_on_the_command_line_before_any_work(tmp_path):
+    for setting, message in (("anp.eps=-1", "anp.eps=-1.0 is out of range"), ("clp.u=-0.5", "clp.u=-0.5 is out of range")):
+        out = tmp_path / setting
+        res = CliRunner().invoke(main, ["run", "--preset", "demo", "--defense", "anp,clp", "--out", str(out), "--set", setting])
+        assert res.exit_code == 2 and message in res.output and not out.exists(), res.output
+
+
+# ---------------------------------------------------------------- CLP
+
+
+def _names(pairs):
+    return [(c.removeprefix("net."), b.removeprefix("net.")) for c, b in pairs]
+
+
+def test_clp_pairs_resnet18_from_the_graph():
+    m = MODELS.get("resnet18")(width=4).build(10, 3, SYN.mean, SYN.std)
+    pairs, unpaired = conv_bn_pairs(m)
+    want = [("conv1", "bn1")]
+    for layer in range(1, 5):
+        for block in range(2):
+            p = f"layer{layer}.{block}."
+            want += [(p + "conv1", p + "bn1"), (p + "conv2", p + "bn2")]
+            if layer > 1 and block == 0:
+                want.append((p + "shortcut.0", p + "shortcut.1"))
+    assert _names(pairs) == want and unpaired == []
+
+
+def test_clp_pairs_preactresnet18_from_the_graph_not_module_order():
+    m = MODELS.get("preactresnet18")(width=4).build(10, 3, SYN.mean, SYN.std)
+    pairs, unpaired = conv_bn_pairs(m)
+    # The stem conv feeds layer1.0.bn1; inside every block conv1 feeds bn2. Every other block.bn1 and
+    # bn_final read a residual sum, not a conv. (Module order would pair layer2.0.bn1 with layer1.1.conv2.)
+    want = [("conv1", "layer1.0.bn1")] + [(f"layer{l}.{b}.conv1", f"layer{l}.{b}.bn2") for l in range(1, 5) for b in range(2)]
+    assert sorted(_names(pairs)) == sorted(want)
+    assert sorted(u.removeprefix("net.") for u in unpaired) == sorted(
+        [f"layer{l}.{b}.bn1" for l in range(1, 5) for b in range(2) if (l, b) != (1, 0)] + ["bn_final"])
+
+
+def test_clp_pairs_vgg_with_bn_and_refuses_vgg_without(sets):
+    m = MODELS.get("vgg")(width=2).build(10, 3, SYN.mean, SYN.std)
+    pairs, unpaired = conv_bn_pairs(m)
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    assert len(pairs) == 13 and [c for c, _ in pairs] == convs and unpaired == []
+    assert all(int(b.rsplit(".", 1)[1]) == int(c.rsplit(".", 1)[1]) + 1 for c, b in pairs)
+    plain = MODELS.get("vgg")(width=2, bn=False).build(10, 3, SYN.mean, SYN.std)
+    with pytest.raises(BenchError, match=r"clp: .*13 Conv2d, 0 BatchNorm2d.*needs such pairs") as err:
+        CLP()(plain, sets[1], ctx())
+    assert "\n" not in str(err.value)
+
+
+class Reordered(nn.Module):
+    """Registered conv_a, bn, conv_b, but the BN reads conv_b; a ReLU sits between conv_a and bn2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv_b(x)) + self.bn2(torch.relu(self.conv_a(x)))
+
+
+def test_clp_pairs_by_dataflow_and_refuses_untraceable_models():
+    pairs, unpaired = conv_bn_pairs(Reordered())
+    assert pairs == [("conv_b", "bn")] and unpaired == ["bn2"]
+
+    class Dynamic(Reordered):
+        def forward(self, x):
+            return self.bn(self.conv_b(x)) if x.sum() > 0 else x
+
+    with pytest.raises(BenchError, match="cannot trace Dynamic"):
+        conv_bn_pairs(Dynamic())
+
+
+def _planted(kind: str) -> nn.Module:
+    """A smallcnn whose channel 5 of the third conv->BN pair has a huge Lipschitz bound."""
+    m = MODELS.get("smallcnn")(width=8).build(10, 3, SYN.mean, SYN.std, seed=1).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+        if kind == "conv":
+            m.net[7].weight[5] *= 50
+        else:  # the BN scale: a tiny running variance
+            m.net[8].running_var[5] = 1e-4
+    return m
+
+
+@pytest.mark.parametrize("kind", ["conv", "bn"])
+def test_clp_zeroes_exactly_the_outlying_channels(sets, kind):
+    m = _planted(kind)
+    before = state(m)
+    res = CLP()(m, sets[1], ctx())
+    info, after = res.info, state(res.model)
+    assert info["u"] == 3.0 and info["pruned"]["net.8"] >= 1 and info["channels_total"] == 112
+    for conv, bn in conv_bn_pairs(m)[0]:
+        c, b = m.get_submodule(conv), m.get_submodule(bn)
+        # Independent per-channel computation, as the official loop: svd of each filter x |gamma / sigma|.
+        sigma = (b.running_var + b.eps).sqrt()
+        lips = torch.stack([torch.linalg.svdvals(c.weight[k].reshape(c.weight.shape[1], -1) * (b.weight[k] / sigma[k]).abs()).max()
+                            for k in range(c.out_channels)]).detach()
+        torch.testing.assert_close(channel_lipschitz(c, b), lips, rtol=1e-4, atol=1e-6)
+        expect = (lips > lips.mean() + 3 * lips.std()).nonzero().flatten().tolist()
+        cut = ((after[bn + ".weight"] == 0) & (after[bn + ".bias"] == 0)).nonzero().flatten().tolist()
+        assert cut == expect and info["pruned"][bn] == len(expect)
+        if bn == "net.8":
+            assert expect == [5], "the planted channel is the one pruned"
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= {k for _, bn in conv_bn_pairs(m)[0] for k in (bn + ".weight", bn + ".bias")}
+    assert all(torch.equal(v, before[k]) for k, v in state(m).items()), "the model passed in is untouched"
+
+
+def test_clp_sweep_and_u(sets):
+    m = _planted("conv")
+    res = CLP(u=1.0)(m, sets[1], ctx())
+    points = list(res.sweep())
+    assert [p[0] for p in points] == list(U_SWEEP) == [0.5 * i for i in range(21)]
+    counts = [f["channels_pruned"] for *_, f in points]
+    assert counts == sorted(counts, reverse=True) and counts[U_SWEEP.index(1.0)] == res.info["channels_pruned"]
+    assert res.info["channels_pruned"] > CLP()(m, sets[1], ctx()).info["channels_pruned"]
+    with pytest.raises(BenchError):
+        CLP(u=-1)
+    with pytest.raises(BenchError):
+        build(CLP, {"u": "many"})
