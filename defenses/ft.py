@@ -26,6 +26,10 @@ Defaults and their sources (BackdoorBench unless said otherwise):
   would train on 256 of 500 images per epoch; 128 gives 3 steps (384 images) per epoch, 300 steps
   in all, the same batch size as the benchmark's training recipe and FP's fine-tuning.
 
+Measured on the quick preset (GTSRB, resnet18 w16, 500 images, seed 0; CA / ASR in %): BadNets
+97.1 / 99.9 -> 97.2 / 62.9, Blend 96.2 / 100 -> 96.2 / 95.7. Plain fine-tuning is the weak baseline
+it is known to be (BackdoorBench's GTSRB leaderboard, with 5 % clean data: Blended ASR 100 after FT).
+
 ``info``: ``epochs``, ``steps``, ``acc_before`` and ``acc_after`` (accuracy on the defense data),
 ``train_loss`` and ``train_acc`` (over the last epoch).
 """
