@@ -78,11 +78,11 @@ from torch import nn
 from bench.config import param
 from bench.data import ImageSet, augment
 from bench.registry import BenchError
-from bench.train import accuracy, autocast, to_input
+from bench.train import autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune
 from defenses.rnp import SWEEP  # the same official grid, 0..0.9 in steps of 0.05
-from defenses.select import HOLDOUT, MAX_ACC_DROP, largest_within, split_holdout
+from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdout
 
 PRINT_EVERY = 500  # the official --print-every: the window of the training accuracy it reports
 
@@ -189,14 +189,6 @@ class ANP(Defense):
         n = prune(out, masks, threshold)
         return out.eval(), n
 
-    def choose_threshold(self, model: nn.Module, masks: Mapping[str, torch.Tensor], held: ImageSet,
-                         ctx: DefenseContext) -> tuple[float, float, list[float]]:
-        """select=auto: (threshold, unpruned held-out accuracy, held-out accuracy at each sweep value tried)."""
-        base = accuracy(model, held, device=ctx.device, bf16=ctx.bf16)
-        acc_at = lambda t: accuracy(self.pruned(model, masks, t)[0], held, device=ctx.device, bf16=ctx.bf16)  # noqa: E731
-        chosen, accs = largest_within(SWEEP, acc_at, base, self.max_acc_drop)
-        return chosen, base, accs
-
     # ------------------------------------------------------------ the defense
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -212,8 +204,9 @@ class ANP(Defense):
 
         info: dict = {}
         if held is not None:
-            threshold, base, accs = self.choose_threshold(model, masks, held, ctx)
-            info.update(holdout_images=len(held), auto_base_acc=base, auto_accs=dict(zip(map(str, SWEEP), accs)))
+            threshold, facts_auto = choose_threshold(SWEEP, model, lambda t: self.pruned(model, masks, t)[0], held,
+                                                     self.max_acc_drop, device=ctx.device, bf16=ctx.bf16)
+            info.update(facts_auto)
         else:
             threshold = self.threshold
         pruned, n_pruned = self.pruned(model, masks, threshold)

@@ -84,7 +84,7 @@ from bench.registry import BenchError
 from bench.train import accuracy, autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune
-from defenses.select import HOLDOUT, MAX_ACC_DROP, largest_within, split_holdout
+from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdout
 
 SWEEP: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0, 0.95, 0.05))  # official: 0..0.9 step 0.05
 
@@ -232,14 +232,6 @@ class RNP(Defense):
             recalibrate_bn(out, data, self.batch_size)
         return out.eval(), n
 
-    def choose_threshold(self, model: nn.Module, masks: Mapping[str, torch.Tensor], held: ImageSet,
-                         data: ImageSet, ctx: DefenseContext) -> tuple[float, float, list[float]]:
-        """select=auto: (threshold, unpruned held-out accuracy, held-out accuracy at each sweep value tried)."""
-        base = accuracy(model, held, device=ctx.device, bf16=ctx.bf16)
-        acc_at = lambda t: accuracy(self.pruned(model, masks, t, data, ctx)[0], held, device=ctx.device, bf16=ctx.bf16)  # noqa: E731
-        chosen, accs = largest_within(SWEEP, acc_at, base, self.max_acc_drop)
-        return chosen, base, accs
-
     # ------------------------------------------------------------ the defense
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -256,8 +248,9 @@ class RNP(Defense):
 
         info: dict = {}
         if held is not None:
-            threshold, base, accs = self.choose_threshold(model, masks, held, data, ctx)
-            info.update(holdout_images=len(held), auto_base_acc=base, auto_accs=dict(zip(map(str, SWEEP), accs)))
+            threshold, facts_auto = choose_threshold(SWEEP, model, lambda t: self.pruned(model, masks, t, data, ctx)[0],
+                                                     held, self.max_acc_drop, device=ctx.device, bf16=ctx.bf16)
+            info.update(facts_auto)
         else:
             threshold = self.threshold
         pruned, n_pruned = self.pruned(model, masks, threshold, data, ctx)

@@ -6,7 +6,7 @@ never sees test data, so it cannot pick its operating point the way published sw
 
 1. ``split_holdout``: a seeded ``holdout`` fraction of the defense data is set aside; the
    defense learns its masks on the rest.
-2. ``largest_within``: the candidates (pruning thresholds, in increasing order of how much
+2. ``largest_within`` (through ``choose_threshold``, which measures the accuracies): the candidates (pruning thresholds, in increasing order of how much
    they prune) are tried in order; the chosen one is the largest ``t`` such that, for every
    candidate up to and including ``t``, the pruned model's held-out accuracy is >= the
    unpruned model's held-out accuracy minus ``max_acc_drop``. If even the first candidate
@@ -25,9 +25,11 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from bench.data import ImageSet
 from bench.registry import BenchError
+from bench.train import accuracy
 
 HOLDOUT = 0.2
 MAX_ACC_DROP = 0.05
@@ -52,3 +54,19 @@ def largest_within(candidates: Sequence[float], acc_at: Callable[[float], float]
             break
         chosen = t
     return chosen, accs
+
+
+def choose_threshold(candidates: Sequence[float], model: nn.Module, pruned_at: Callable[[float], nn.Module],
+                     held: ImageSet, max_drop: float, *, device: torch.device | str = "cpu",
+                     bf16: bool = False) -> tuple[float, dict]:
+    """``select=auto``: (chosen candidate, facts for the record).
+
+    ``pruned_at(t)`` returns ``model`` pruned at candidate ``t``; accuracies are measured on the
+    held-out share ``held``. The facts are ``holdout_images``, ``auto_base_acc`` (the unpruned
+    model's held-out accuracy) and ``auto_accs`` (held-out accuracy per candidate tried).
+    """
+    base = accuracy(model, held, device=device, bf16=bf16)
+    chosen, accs = largest_within(candidates, lambda t: accuracy(pruned_at(t), held, device=device, bf16=bf16),
+                                  base, max_drop)
+    return chosen, {"holdout_images": len(held), "auto_base_acc": base,
+                    "auto_accs": dict(zip(map(str, candidates), accs))}

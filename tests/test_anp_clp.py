@@ -152,17 +152,17 @@ def test_anp_pruned_zeroes_planted_masks_and_sweeps_the_official_grid(model, anp
 
 
 def test_select_auto_is_the_shared_helper_in_rnp_and_anp(model, sets, monkeypatch):
-    for name in ("split_holdout", "largest_within"):
+    for name in ("split_holdout", "choose_threshold"):
         shared = getattr(defenses.select, name)
         assert getattr(defenses.anp, name) is shared and getattr(defenses.rnp, name) is shared
     calls: list[tuple[str, str]] = []
     for mod in (defenses.anp, defenses.rnp):
-        for name in ("split_holdout", "largest_within"):
+        for name in ("split_holdout", "choose_threshold"):
             real = getattr(defenses.select, name)
             monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, _m=mod.__name__, **k: (calls.append((_m, _n)), _r(*a, **k))[1])
     RNP(select="auto", batch_size=32, unlearn_lr=0.05, recover_epochs=2)(copy.deepcopy(model), sets[1], ctx())
     res = ANP(select="auto", **FAST_ANP)(copy.deepcopy(model), sets[1], ctx())
-    assert sorted(calls) == sorted((m, n) for m in ("defenses.anp", "defenses.rnp") for n in ("split_holdout", "largest_within"))
+    assert sorted(calls) == sorted((m, n) for m in ("defenses.anp", "defenses.rnp") for n in ("split_holdout", "choose_threshold"))
     info = res.info
     assert info["select"] == "auto" and info["holdout_images"] == 13 and info["threshold"] in SWEEP
     # The documented rule: the largest sweep value up to which held-out accuracy stays within the bound,
