@@ -9,18 +9,30 @@ saves as safetensors. The methods:
 - ``trigger(x)``: put the trigger on a uint8 batch ``[B, C, H, W]`` (same shape, uint8).
 - ``apply(x, y) -> (x', y')``: trigger plus the attack's label map.
 - ``poison(train, seed) -> PoisonedSet``: choose and transform the poisoned subset
-  (clean-label attacks keep labels; the default picks ``round(poison_rate * N)``
-  images whose label differs from the target, and relabels them).
+  (the default picks ``round(poison_rate * N)`` images whose label differs from the
+  target, and relabels them).
 - ``train_extension()``: optionally a ``bench.train.TrainExtension`` for attacks that control
   training (WaNet's on-the-fly warping); ``None`` for static poisoning.
 - ``test_set(test)``: the triggered test set used for ASR and RA.
+
+Clean-label attacks (SIG, CTRL) subclass ``CleanLabelAttack`` (``clean_label = True``): they
+poison only target-class training images and keep every label. ``poison_rate`` stays a
+fraction of the whole training set, as in BackdoorBench (``attack/sig.py``: "poisoning ratio is
+ALWAYS defined as number of poisoning samples / number of all samples"), so the count is
+``min(round(poison_rate * N), number of target-class images)``. BackdoorBench draws
+``np.random.choice(target_idx, round(pratio * N), replace=False)``
+(``utils/backdoor_generate_poison_index.py``), which fails when the rate asks for more
+images than the target class has; here the count is capped instead, as the official CTRL
+code does (``poison_index[:poison_num]``). A target class without training images is refused
+in ``prepare`` (and again in ``poison``), before any training. Only all-to-one exists for
+them; the triggered test set is unchanged (non-target test images, trigger, target label).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
@@ -46,6 +58,8 @@ class Attack(Config):
     description: ClassVar[str]
     paper: ClassVar[str]
 
+    clean_label: ClassVar[bool] = False  # True: poison target-class images only, keep their labels
+
     target: int = param(0, low=0, doc="target class (all-to-one)")
     poison_rate: float = param(0.1, low=0.0, high=1.0, doc="fraction of the training set poisoned")
     label_mode: Literal["all2one", "all2all"] = "all2one"
@@ -58,6 +72,8 @@ class Attack(Config):
             from bench.registry import BenchError
 
             raise BenchError(f"{self.name}.target={self.target} is out of range; allowed: [0, {num_classes - 1}]")
+        if self.clean_label:
+            self._check_target_present(train)
         self.state["num_classes"] = torch.tensor(num_classes)
 
     def trigger(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,19 +92,35 @@ class Attack(Config):
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.trigger(x), self.target_labels(y)
 
+    def _check_target_present(self, train: ImageSet) -> None:
+        """Clean-label attacks need target-class training images; one-line BenchError otherwise."""
+        if not bool((train.y == self.target).any()):
+            from bench.registry import BenchError
+
+            present = ", ".join(str(int(c)) for c in train.y.unique())
+            raise BenchError(f"{self.name}.target={self.target} has no training images, and a clean-label attack poisons "
+                             f"only target-class images; allowed: a target with training images ({present})")
+
     def poison_candidates(self, train: ImageSet) -> torch.Tensor:
-        """Indices that may be poisoned: non-target images for all-to-one, all for all-to-all."""
+        """Indices that may be poisoned: target-class images for a clean-label attack; else
+        non-target images for all-to-one, all for all-to-all."""
+        if self.clean_label:
+            return (train.y == self.target).nonzero().flatten()
         if self.label_mode == "all2one":
             return (train.y != self.target).nonzero().flatten()
         return torch.arange(len(train))
 
     def poison(self, train: ImageSet, seed: int) -> PoisonedSet:
+        if self.clean_label:
+            self._check_target_present(train)
         pool = self.poison_candidates(train)
         count = min(len(pool), int(round(self.poison_rate * len(train))))
         gen = torch.Generator().manual_seed(seed)
         idx = pool[torch.randperm(len(pool), generator=gen)[:count]].sort().values
         x, y = train.x.clone(), train.y.clone()
-        if count:
+        if count and self.clean_label:
+            x[idx] = self.trigger(train.x[idx])  # labels kept
+        elif count:
             x[idx], y[idx] = self.apply(train.x[idx], train.y[idx])
         return PoisonedSet(ImageSet(x, y), idx)
 
@@ -107,3 +139,22 @@ class Attack(Config):
 
     def with_overrides(self, **changes) -> "Attack":
         return dataclasses.replace(self, **changes)
+
+
+CLEAN_LABEL_RATE_DOC = ("fraction of the WHOLE training set poisoned, drawn from target-class images only (labels kept); "
+                        "capped at the number of target-class images")
+
+
+def clean_label_rate(default: float, source: str = "") -> Any:
+    """The ``poison_rate`` field of a clean-label attack: its default and where it comes from."""
+    return param(default, low=0.0, high=1.0, doc=f"{CLEAN_LABEL_RATE_DOC} ({source})" if source else CLEAN_LABEL_RATE_DOC)
+
+
+@dataclass(frozen=True)
+class CleanLabelAttack(Attack):
+    """Base of clean-label attacks: poisons target-class images, keeps labels, all-to-one only."""
+
+    clean_label: ClassVar[bool] = True
+
+    poison_rate: float = clean_label_rate(0.1)
+    label_mode: Literal["all2one"] = "all2one"

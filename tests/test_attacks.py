@@ -83,11 +83,22 @@ def test_trigger_deterministic(name, c, s):
     assert torch.equal(a.trigger(train.x), b.trigger(train.x))
 
 
+def refuses_all2all(name) -> bool:
+    """Clean-label attacks are all-to-one only: asking for all-to-all is a one-line BenchError."""
+    if not ATTACKS.get(name).clean_label:
+        return False
+    with pytest.raises(BenchError, match="label_mode='all2all' is not allowed"):
+        ATTACKS.get(name)(label_mode="all2all")
+    return True
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_apply_labels(name):
     atk, train = prepared(name, target=3)
     x, y = atk.apply(train.x, train.y)
     assert torch.equal(x, atk.trigger(train.x)) and (y == 3).all()
+    if refuses_all2all(name):
+        return
     atk2, _ = prepared(name, label_mode="all2all")
     _, y2 = atk2.apply(train.x, train.y)
     assert torch.equal(y2, (train.y + 1) % K)
@@ -96,6 +107,8 @@ def test_apply_labels(name):
 @pytest.mark.parametrize("label_mode", ["all2one", "all2all"])
 @pytest.mark.parametrize("name", NAMES)
 def test_poison(name, label_mode):
+    if label_mode == "all2all" and refuses_all2all(name):
+        return
     atk, train = prepared(name, label_mode=label_mode, target=2, poison_rate=0.25)
     x0, y0 = train.x.clone(), train.y.clone()
     p = atk.poison(train, seed=5)
@@ -106,17 +119,32 @@ def test_poison(name, label_mode):
         assert len(idx) == 0
         assert torch.equal(p.data.x, train.x) and torch.equal(p.data.y, train.y)
         return
-    assert len(idx) == round(0.25 * len(train)) and len(idx.unique()) == len(idx)
-    if label_mode == "all2one":
-        assert (train.y[idx] != 2).all()
-    xt, yt = atk.apply(train.x[idx], train.y[idx])
-    assert torch.equal(p.data.x[idx], xt) and torch.equal(p.data.y[idx], yt)
+    in_target = (train.y == 2).nonzero().flatten()
+    if atk.clean_label:  # target-class images only, every label kept, capped at the class size (7 of 64 here)
+        assert len(idx) == min(round(0.25 * len(train)), len(in_target)) and len(idx.unique()) == len(idx)
+        assert (train.y[idx] == 2).all() and torch.equal(p.data.y, train.y)
+    else:
+        assert len(idx) == round(0.25 * len(train)) and len(idx.unique()) == len(idx)
+        if label_mode == "all2one":
+            assert (train.y[idx] != 2).all()
+    if getattr(atk, "train_trigger", None) is None:
+        xt, yt = atk.apply(train.x[idx], train.y[idx])
+        assert torch.equal(p.data.x[idx], xt) and torch.equal(p.data.y[idx], yt)
+    else:  # a training trigger other than the test one (Adaptive-Blend's masked pieces; checked in its own tests)
+        assert (p.data.x[idx] != train.x[idx]).flatten(1).any(1).all()
+        assert torch.equal(p.data.y[idx], atk.target_labels(train.y[idx]))
+    cover = getattr(p, "cover_idx", torch.zeros(0, dtype=torch.long))  # triggered but true-labelled (Adaptive-Blend)
+    assert not set(cover.tolist()) & set(idx.tolist()) and torch.equal(p.data.y[cover], train.y[cover])
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[idx] = False
+    rest[cover] = False
     assert torch.equal(p.data.x[rest], train.x[rest]) and torch.equal(p.data.y[rest], train.y[rest])
     q = atk.poison(train, seed=5)
     assert torch.equal(q.poison_idx, idx) and torch.equal(q.data.x, p.data.x) and torch.equal(q.data.y, p.data.y)
-    assert not torch.equal(atk.poison(train, seed=6).poison_idx, idx)
+    if atk.clean_label and len(idx) == len(in_target):  # the whole target class: no choice left to the seed
+        assert torch.equal(atk.poison(train, seed=6).poison_idx, in_target)
+    else:
+        assert not torch.equal(atk.poison(train, seed=6).poison_idx, idx)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -127,6 +155,8 @@ def test_test_set(name):
     assert len(ts) == int(keep.sum())
     assert torch.equal(ts.y_true, train.y[keep]) and (ts.y_target == 4).all()
     assert torch.equal(ts.x, atk.trigger(train.x[keep]))
+    if refuses_all2all(name):
+        return
     atk2, _ = prepared(name, label_mode="all2all")
     ts2 = atk2.test_set(train)
     assert len(ts2) == len(train) and torch.equal(ts2.y_target, (train.y + 1) % K)
