@@ -4,5 +4,7 @@ from attacks.base import ATTACKS, Attack, PoisonedSet
 from attacks import badnets, blend, wanet  # noqa: F401  (registers the built-in attacks)
 from attacks import ctrl, sig  # noqa: F401  (issue 7: clean-label SIG and CTRL)
 from attacks import adaptive_blend, bpp  # noqa: F401  (issue 7: Adaptive-Blend, BppAttack)
+from attacks import clean, lf  # noqa: F401  (issue 7: the clean model, low-frequency UAP)
+from attacks import iad  # noqa: F401  (issue 7: Input-Aware Dynamic)
 
 __all__ = ["ATTACKS", "Attack", "PoisonedSet"]

@@ -5,7 +5,7 @@ plus a ``state`` dict of tensors (its trigger, drawn in ``prepare``) that the st
 saves as safetensors. The methods:
 
 - ``prepare(num_classes, channels, size, train, seed)``: build the trigger; attacks that
-  need learned parts or a clean model do that here. Must be deterministic in ``seed``.
+  need learned parts do that here. Must be deterministic in ``seed``.
 - ``trigger(x)``: put the trigger on a uint8 batch ``[B, C, H, W]`` (same shape, uint8).
 - ``apply(x, y) -> (x', y')``: trigger plus the attack's label map.
 - ``poison(train, seed) -> PoisonedSet``: choose and transform the poisoned subset
@@ -26,6 +26,22 @@ images than the target class has; here the count is capped instead, as the offic
 code does (``poison_index[:poison_num]``). A target class without training images is refused
 in ``prepare`` (and again in ``poison``), before any training. Only all-to-one exists for
 them; the triggered test set is unchanged (non-target test images, trigger, target label).
+
+A clean reference model (``needs_clean_model = True``): attacks whose trigger is computed
+from a clean model (LF's universal perturbation; TrojanNN and label-consistent later) declare
+it, and ``prepare`` then takes one more keyword, ``reference``: the clean model of the same
+dataset, model, training recipe and seed, in eval mode on the run's device. The grid makes it
+by training the ``clean`` attack's job through its model cache (``bench.grid.reference_job``),
+so it is trained once per (dataset, model, recipe, seed), by the same trainer, and shared by
+every attack that asks; nothing is downloaded. ``prepare`` may run the model forward and
+backward but must leave its weights alone. Attacks without the flag keep the five-argument
+``prepare`` and are never passed ``reference`` (``prepare_attack`` below passes it only to
+attacks with the flag); one with the flag and no ``reference`` fails with a one-line
+``BenchError``.
+
+No trigger (``has_trigger = False``, the ``clean`` attack only): ``trigger`` returns the
+images unchanged, nothing is poisoned and the triggered test set is empty, so ASR and RA are
+undefined (``None`` in the records, "-" in the tables).
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
 import torch
+from torch import nn
 
 from bench.config import Config, param
 from bench.data import ImageSet
@@ -59,6 +76,8 @@ class Attack(Config):
     paper: ClassVar[str]
 
     clean_label: ClassVar[bool] = False  # True: poison target-class images only, keep their labels
+    needs_clean_model: ClassVar[bool] = False  # True: prepare() takes reference=<the clean model>
+    has_trigger: ClassVar[bool] = True  # False only for ``clean``: no trigger, empty triggered test set
 
     target: int = param(0, low=0, doc="target class (all-to-one)")
     poison_rate: float = param(0.1, low=0.0, high=1.0, doc="fraction of the training set poisoned")
@@ -66,12 +85,19 @@ class Attack(Config):
     state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------ to implement
-    def prepare(self, num_classes: int, channels: int, size: int, train: ImageSet, seed: int) -> None:
-        """Build the trigger into ``self.state``; the base records the number of classes."""
-        if self.target >= num_classes:
-            from bench.registry import BenchError
+    def prepare(self, num_classes: int, channels: int, size: int, train: ImageSet, seed: int,
+                reference: Optional[nn.Module] = None) -> None:
+        """Build the trigger into ``self.state``; the base records the number of classes.
 
+        ``reference`` (only for ``needs_clean_model`` attacks): the clean model, see the module notes.
+        """
+        from bench.registry import BenchError
+
+        if self.target >= num_classes:
             raise BenchError(f"{self.name}.target={self.target} is out of range; allowed: [0, {num_classes - 1}]")
+        if self.needs_clean_model and reference is None:
+            raise BenchError(f"{self.name} needs a clean reference model; the grid passes it as prepare(..., reference=model) "
+                             "(bench.grid.reference_job), outside the grid pass one yourself")
         if self.clean_label:
             self._check_target_present(train)
         self.state["num_classes"] = torch.tensor(num_classes)
@@ -139,6 +165,13 @@ class Attack(Config):
 
     def with_overrides(self, **changes) -> "Attack":
         return dataclasses.replace(self, **changes)
+
+
+def prepare_attack(attack: Attack, num_classes: int, channels: int, size: int, train: ImageSet, seed: int,
+                   reference: Optional[nn.Module] = None) -> None:
+    """``attack.prepare(...)``, with ``reference=`` passed only to an attack that declares ``needs_clean_model``."""
+    extra = {"reference": reference} if attack.needs_clean_model else {}
+    attack.prepare(num_classes, channels, size, train, seed, **extra)
 
 
 CLEAN_LABEL_RATE_DOC = ("fraction of the WHOLE training set poisoned, drawn from target-class images only (labels kept); "

@@ -5,7 +5,10 @@
   evaluate, and cache the weights, the attack state, the poisoned indices and the
   triggered test set as safetensors + JSON under a content hash in
   ``cache_dir()/models``. The cache entry is written into a temporary folder and
-  renamed into place, so it is either whole or absent.
+  renamed into place, so it is either whole or absent. An attack that needs a clean
+  model (``needs_clean_model``) gets the ``clean`` attack's model of the same dataset,
+  model, recipe and seed (``reference_job``) from the same cache; run_grid trains those
+  clean jobs first, so with ``--jobs N`` each is trained once and then shared.
 - Phase 2, per cell (dataset, model, attack, defense, seed): load the cached model,
   draw the clean defense subset, run the defense, evaluate, and write one record.
   Each record is its own file ``RUN_DIR/cells/<cell>.json`` (atomic), and
@@ -38,7 +41,7 @@ import torch
 
 import attacks as _attacks  # noqa: F401  (registers the built-in attacks)
 import defenses as _defenses  # noqa: F401  (registers the built-in defenses)
-from attacks.base import ATTACKS, Attack
+from attacks.base import ATTACKS, Attack, prepare_attack
 from bench.config import Config, build, param
 from bench.data import DATASETS, Dataset, ImageSet, cache_dir, defense_subset
 from bench.metrics import TriggeredSet, evaluate
@@ -158,6 +161,23 @@ def model_dir(job: TrainJob) -> Path:
     return cache_dir() / "models" / f"{job.dataset.name}-{job.model.name}-{job.attack.name}-s{job.seed}-{job.key}"
 
 
+def reference_job(job: TrainJob) -> TrainJob:
+    """The clean model's job for ``job``: the same dataset, model, recipe and seed, the ``clean`` attack.
+
+    ``clean`` has no field that changes the model, so this is also the key of the grid's own
+    ``clean`` row: the reference and the row are one cache entry.
+    """
+    return dataclasses.replace(job, attack=ATTACKS.get("clean")())
+
+
+def clean_reference(job: TrainJob, data_dir: str | None, device: str, progress: bool = False) -> torch.nn.Module:
+    """The clean reference model for ``job`` (eval mode, on ``device``): trained once, then from the cache."""
+    ref = reference_job(job)
+    train_backdoored(ref, data_dir, device, progress)
+    model, *_ = load_backdoored(ref, device)
+    return model
+
+
 def train_backdoored(job: TrainJob, data_dir: str | None, device: str, progress: bool = False) -> dict:
     """Train (or find cached) the backdoored model of ``job``; return its metadata."""
     out = model_dir(job)
@@ -166,7 +186,9 @@ def train_backdoored(job: TrainJob, data_dir: str | None, device: str, progress:
     ds = job.dataset
     train_set, test_set = ds.load(data_dir)
     attack = copy.deepcopy(job.attack)
-    attack.prepare(ds.num_classes, ds.channels, ds.size, train_set, job.seed)
+    reference = clean_reference(job, data_dir, device, progress) if attack.needs_clean_model else None
+    prepare_attack(attack, ds.num_classes, ds.channels, ds.size, train_set, job.seed, reference)
+    del reference
     poisoned = attack.poison(train_set, job.seed)
     model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
     stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
@@ -182,6 +204,8 @@ def train_backdoored(job: TrainJob, data_dir: str | None, device: str, progress:
         "poisoned": int(len(poisoned.poison_idx)),
         "config": job_config(job),
     }
+    if attack.needs_clean_model:  # which cached clean model the trigger was computed on
+        meta["reference"] = model_dir(reference_job(job)).name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -423,21 +447,42 @@ def run_grid(
         for ds in {c.job.dataset for c in todo}:
             ds.load(data_dir)
         jobs_by_key = {c.job.key: c.job for c in todo}
+        # Clean reference models first (the grid's own clean rows among them), so that attacks
+        # that need one, run in parallel afterwards, all load it from the cache: trained once.
+        refs = {r.key: r for r in (reference_job(j) for j in jobs_by_key.values() if j.attack.needs_clean_model)}
         threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
         backdoors = {}
         failed_jobs = {}
-        for key, meta, err in _parallel(_safe_train, [(j, data_dir, device, progress and jobs == 1) for j in jobs_by_key.values()],
-                                        jobs, threads):
-            if err is None:
-                backdoors[key] = meta
-                m = meta["metrics"]
-                j = jobs_by_key[key]
-                log(f"backdoored {j.dataset.name}/{j.model.name}/{j.attack.name}/s{j.seed}: "
-                    f"CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  ({meta['train']['seconds']:.0f} s)")
-            else:
-                failed_jobs[key] = err
-                j = jobs_by_key[key]
-                log(f"training {j.dataset.name}/{j.model.name}/{j.attack.name}/s{j.seed} failed: {err}")
+        ref_errors: dict[str, str] = {}
+
+        def train_stage(stage: list[TrainJob]) -> None:
+            by_key = {j.key: j for j in stage}
+            for key, meta, err in _parallel(_safe_train, [(j, data_dir, device, progress and jobs == 1) for j in stage],
+                                            jobs, threads):
+                j = by_key[key]
+                what = "clean reference" if key not in jobs_by_key else "backdoored" if j.attack.has_trigger else "clean"
+                if err is None:
+                    m = meta["metrics"]
+                    log(f"{what} {j.dataset.name}/{j.model.name}/{j.attack.name}/s{j.seed}: "
+                        f"CA {_pct(m['ca'])}  ASR {_pct(m['asr'])}  ({meta['train']['seconds']:.0f} s)")
+                else:
+                    log(f"training {what} {j.dataset.name}/{j.model.name}/{j.attack.name}/s{j.seed} failed: {err}")
+                    if key in refs:
+                        ref_errors[key] = err
+                if key in jobs_by_key and err is None:
+                    backdoors[key] = meta
+                elif key in jobs_by_key:
+                    failed_jobs[key] = err
+
+        train_stage(list(refs.values()))
+        rest = []
+        for key, job in jobs_by_key.items():
+            ref_key = reference_job(job).key if job.attack.needs_clean_model else None
+            if ref_key in ref_errors:  # fails with its reference, without training it again
+                failed_jobs[key] = f"its clean reference model failed: {ref_errors[ref_key]}"
+            elif key not in refs:
+                rest.append(job)
+        train_stage(rest)
         for key, job in jobs_by_key.items():
             example = rd.path / "examples" / f"{job.dataset.name}-{job.attack.name}.safetensors"
             if key in backdoors and not example.exists():
@@ -460,13 +505,18 @@ def run_grid(
             rd.write_records(order)
             if rec["status"] == "ok":
                 m = rec["metrics"]
-                log(f"{rec['cell']}: CA {100 * m['ca']:.1f}  ASR {100 * m['asr']:.1f}  RA {100 * m['ra']:.1f}  "
+                log(f"{rec['cell']}: CA {_pct(m['ca'])}  ASR {_pct(m['asr'])}  RA {_pct(m['ra'])}  "
                     f"(defense {rec['seconds']['defense']:.1f} s)")
             else:
                 log(f"{rec['cell']}: FAILED {rec['error']}")
         recs = rd.write_records(order)
     wanted = set(order)
     return [r for r in recs if r["cell"] in wanted]
+
+
+def _pct(v: float | None) -> str:
+    """A metric for the log: percent with one decimal, "-" when undefined (ASR of the clean model)."""
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def _is_done(rec: dict | None, cell: Cell) -> bool:

@@ -5,6 +5,9 @@
   the target for all-to-one (images whose true label is the target are left out
   when the set is built), ``y -> y + 1 mod K`` for all-to-all.
 - RA: on the same triggered images, the fraction still classified as the true label.
+
+An empty triggered set (the ``clean`` attack has no trigger) leaves ASR and RA undefined:
+they are ``None`` (``null`` in the records, "-" in the tables), never 0.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ class TriggeredSet:
         return len(self.x)
 
 
-def evaluate(model: nn.Module, clean: ImageSet, triggered: TriggeredSet, *, device="cpu", bf16: bool = True) -> dict[str, float]:
-    """``{"ca", "asr", "ra"}`` as fractions in [0, 1]."""
+def evaluate(model: nn.Module, clean: ImageSet, triggered: TriggeredSet, *, device="cpu",
+             bf16: bool = True) -> dict[str, float | None]:
+    """``{"ca", "asr", "ra"}`` as fractions in [0, 1]; ASR and RA are ``None`` when ``triggered`` is empty."""
     pc = predict(model, clean.x, device=device, bf16=bf16)
-    pt = predict(model, triggered.x, device=device, bf16=bf16)
-    return {
-        "ca": (pc == clean.y.cpu()).float().mean().item(),
-        "asr": (pt == triggered.y_target.cpu()).float().mean().item(),
-        "ra": (pt == triggered.y_true.cpu()).float().mean().item(),
-    }
+    out: dict[str, float | None] = {"ca": (pc == clean.y.cpu()).float().mean().item(), "asr": None, "ra": None}
+    if len(triggered):
+        pt = predict(model, triggered.x, device=device, bf16=bf16)
+        out["asr"] = (pt == triggered.y_target.cpu()).float().mean().item()
+        out["ra"] = (pt == triggered.y_true.cpu()).float().mean().item()
+    return out

@@ -11,6 +11,9 @@
   ``†`` marks an Average over fewer attacks than the table has (some failed or missing).
   When a (dataset, model, attack, seed) has no ``none`` record, its ``none`` column is
   filled from the records' ``backdoor`` metrics: the same model before the defense.
+  A row whose finished cells have no ASR at all (the ``clean`` model: no trigger, so ASR
+  and RA are ``null`` in its records) shows "-" there, never 0, and is left out of the
+  Average row (all three metrics: the Average summarises attacks), with a note.
   The CSV is the tidy long form of the same numbers (percent), Average rows included.
 - ``ca_vs_asr.png``, ``asr_before_after.png``, ``rnp_curve.png`` (the harness's oracle
   view of a defense's threshold sweep, on the test set), ``gallery.png`` (clean and
@@ -44,6 +47,7 @@ AVERAGE_MARK = "†"
 PARTIAL_NOTE = "* some seeds of this cell failed; the value is over the others."
 NONE_NOTE = "none: the backdoored model before any defense."
 AVERAGE_NOTE = "† average over fewer attacks than the table has (the others failed or are missing)."
+NO_ASR_NOTE = "{}: no trigger, so ASR and RA are not defined (-); left out of the Average row."
 PLOTS = ("ca_vs_asr.png", "asr_before_after.png", "rnp_curve.png", "gallery.png")
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 
@@ -164,14 +168,20 @@ class Table:
     cells: dict[tuple[str, str], Cell]
     max_seeds: int
     none_from_backdoor: bool = False
+    no_asr: list[str] = field(default_factory=list)  # rows without a trigger (clean): not averaged
 
     def cell(self, attack: str, defense: str) -> Cell | None:
         return self.cells.get((attack, defense))
 
+    @property
+    def averaged(self) -> list[str]:
+        """The rows the Average row is over: every attack with a trigger."""
+        return [a for a in self.attacks if a not in self.no_asr]
+
     def average(self, defense: str, m: str) -> tuple[float | None, int, bool]:
         """(mean over attacks of the cell means, attacks used, whether any cell failed entirely)."""
         means, failed = [], False
-        for a in self.attacks:
+        for a in self.averaged:
             c = self.cells.get((a, defense))
             mu = c.mean(m) if c else None
             if mu is not None:
@@ -184,7 +194,7 @@ class Table:
         mu, n, failed = self.average(defense, m)
         if mu is None:
             return "failed" if failed else "-"
-        return f"{mu:.2f}" + (AVERAGE_MARK if n < len(self.attacks) else "")
+        return f"{mu:.2f}" + (AVERAGE_MARK if n < len(self.averaged) else "")
 
     def rows(self, pm: str = " ± ") -> list[tuple[str, list[str]]]:
         """``(row label, [cell texts in defense-major, CA/ASR/RA order])``, Average last."""
@@ -201,6 +211,8 @@ class Table:
     def notes(self) -> list[str]:
         flat = [t for _, texts in self.rows() for t in texts]
         notes = [NONE_NOTE] if self.none_from_backdoor else []
+        if self.no_asr:
+            notes.append(NO_ASR_NOTE.format(", ".join(self.no_asr)))
         if any(t.endswith(PARTIAL_MARK) for t in flat):
             notes.append(PARTIAL_NOTE)
         if any(t.endswith(AVERAGE_MARK) for t in flat):
@@ -254,8 +266,15 @@ def build_tables(records: list[dict], backdoor: bool = True) -> list[Table]:
                 if r.get("error"):
                     c.errors.append(str(r["error"]).splitlines()[0])
         tables.append(Table(str(ds), str(mo), attacks, defenses, cells, max((len(s) for s in seeds.values()), default=0),
-                            none_from_backdoor=any(r.get("from_backdoor") for r in group)))
+                            none_from_backdoor=any(r.get("from_backdoor") for r in group), no_asr=_no_asr(group)))
     return tables
+
+
+def _no_asr(records: list[dict]) -> list[str]:
+    """Attacks with finished records and no ASR in any of them (``clean``: no trigger), in order."""
+    finished = _ordered(str(r["attack"]) for r in records if _ok(r))
+    with_asr = {str(r["attack"]) for r in records if _ok(r) and _value(r["metrics"], "asr") is not None}
+    return [a for a in finished if a not in with_asr]
 
 
 def _title(t: Table) -> str:
@@ -409,7 +428,7 @@ def _backdoor_points(records: list[dict]) -> dict[tuple, dict]:
             out.setdefault(key, r["backdoor"])
     for r in records:
         key = (r["dataset"], r["model"], r["attack"], r["seed"])
-        if r["defense"] == "none" and _ok(r):
+        if r["defense"] == "none" and _ok(r) and _value(r["metrics"], "asr") is not None:  # not the clean model
             out.setdefault(key, r["metrics"])
     return out
 
@@ -458,7 +477,9 @@ def plot_asr_before_after(records: list[dict], path: Path) -> Path | None:
     groups = _ordered([(k[0], k[1]) for k in bd] + [(r["dataset"], r["model"]) for r in records if r["defense"] != "none"])
     series_per_group = []
     for ds, mo in groups:
-        attacks = _ordered(str(r["attack"]) for r in records if (r["dataset"], r["model"]) == (ds, mo))
+        mine = [r for r in records if (r["dataset"], r["model"]) == (ds, mo)]
+        skip = set(_no_asr(mine))  # no trigger (clean): no ASR bar to draw
+        attacks = [a for a in _ordered(str(r["attack"]) for r in mine) if a not in skip]
         series: list[tuple[str, dict, dict[str, list[float]], dict[str, int]]] = []
         vals: dict[str, list[float]] = {a: [] for a in attacks}
         for k, v in bd.items():
@@ -468,12 +489,12 @@ def plot_asr_before_after(records: list[dict], path: Path) -> Path | None:
         for i, d in enumerate(defenses):
             vals, failed = {a: [] for a in attacks}, {a: 0 for a in attacks}
             for r in records:
-                if (r["dataset"], r["model"], r["defense"]) != (ds, mo, d):
+                if (r["dataset"], r["model"], r["defense"]) != (ds, mo, d) or str(r["attack"]) in skip:
                     continue
                 v = _value(r.get("metrics"), "asr") if _ok(r) else None
-                if v is None:
+                if not _ok(r):
                     failed[str(r["attack"])] += 1
-                else:
+                elif v is not None:
                     vals[str(r["attack"])].append(v)
             if any(vals.values()) or any(failed.values()):
                 series.append((d, _style(i), vals, failed))
@@ -528,7 +549,9 @@ def plot_oracle_curves(records: list[dict], path: Path) -> Path | None:
             th = [p["threshold"] for p in pts]
             first = k == 0
             ax.plot(th, [_value(p, "ca") for p in pts], color="tab:blue", marker=".", lw=1.3, label="CA" if first else None)
-            ax.plot(th, [_value(p, "asr") for p in pts], color="tab:red", marker=".", lw=1.3, ls="--", label="ASR" if first else None)
+            if any(_value(p, "asr") is not None for p in pts):  # none for the clean model (no trigger)
+                ax.plot(th, [_value(p, "asr") for p in pts], color="tab:red", marker=".", lw=1.3, ls="--",
+                        label="ASR" if first else None)
             if any(_value(p, "ra") is not None for p in pts):
                 ax.plot(th, [_value(p, "ra") for p in pts], color="tab:green", lw=1.0, ls=":", label="RA" if first else None)
             chosen = r["info"].get("threshold")
@@ -537,8 +560,8 @@ def plot_oracle_curves(records: list[dict], path: Path) -> Path | None:
         ax.set(xlabel="mask threshold", ylabel="%", ylim=(-3, 103),
                title=f"{at} ({ds} / {mo}, {de})" if multi else f"{at}" + (f" ({len(mine)} seeds)" if len(mine) > 1 else ""))
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=9)
+    legend = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}  # a clean panel has no ASR line
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=len(legend), fontsize=9)
     name = ", ".join(_ordered(p[2] for p in panels))
     where = "" if multi else f" on {panels[0][0]} / {panels[0][1]}"
     sizes = {tuple(r["info"]["oracle_curve_images"]) for r in rs if isinstance(r["info"].get("oracle_curve_images"), list)}

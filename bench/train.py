@@ -8,6 +8,10 @@ no per-sample Python.
 ``TrainExtension`` is the loop's one extension point. Everything that must change how a
 model is trained, without a private copy of the loop, goes through it:
 
+- ``plan(data, cfg, aug, steps_per_epoch)``: once before ``start``, with what the run will
+  train on (its training set on the device, recipe, augmentation, steps per epoch): for an
+  extension whose own modules need a pre-training phase or a schedule scaled to the run
+  (IAD's mask-generator pre-training and generator learning-rate steps).
 - ``start(model, device)``: once before the first step (attach hooks, build optimisers).
 - ``batch(x, y, gen) -> (x, y)``: rewrite each augmented uint8 batch; may return float
   images in [0, 1] (a generator's output, with gradient). WaNet's and NC's on-the-fly
@@ -39,6 +43,9 @@ from bench.data import Augmentation, ImageSet, augment
 
 class TrainExtension:
     """The extension point of :func:`train`; every method is optional (the defaults do nothing)."""
+
+    def plan(self, data: ImageSet, cfg: "TrainConfig", aug: Augmentation, steps_per_epoch: int) -> None:
+        """Called once before ``start``: the run's training set (on its device), recipe, augmentation, steps per epoch."""
 
     def start(self, model: nn.Module, device: torch.device) -> None:
         """Called once before the first step."""
@@ -166,6 +173,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bar = _bar(total, desc, progress)
+    for ext in extensions:
+        ext.plan(data, cfg, aug, steps_per_epoch)
     for ext in extensions:
         ext.start(model, device)
     try:

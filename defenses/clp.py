@@ -38,6 +38,13 @@ Departures from the official code, all deliberate:
 - The singular values of all channels of a layer come from one batched
   ``torch.linalg.matrix_norm(ord=2)`` call instead of a per-channel ``torch.svd``; the std is
   the unbiased one, as the official ``Tensor.std()``.
+
+Checked against the official code (2026-11-22): the official ``CLP(net, u)`` from ``defense.py``,
+imported unmodified, run on our quick-preset GTSRB BadNets model (resnet18 width 16, seed 0; a
+conv->BN network in module order, where both pairings agree) gives weights identical to ours at
+u = 3, 2.5 and 2, hence the same CA / ASR: 97.3 / 85.9, 93.7 / 47.0, 90.7 / 2.0 %. That CLP keeps
+this BadNets backdoor at u = 3 is the method's, not our code's; BackdoorBench's GTSRB leaderboard
+shows the same (PreAct-ResNet18, BadNets, CLP: ASR 66.9 %).
 """
 
 from __future__ import annotations

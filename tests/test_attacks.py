@@ -1,7 +1,9 @@
 """Attack tests on tiny synthetic images.
 
 The contract tests run over every registered attack (``ATTACKS.names()``), so a new attack
-is checked the moment it is registered; the attack-specific tests follow.
+is checked the moment it is registered; the attack-specific tests follow. An attack that needs
+a clean model (``needs_clean_model``) gets a tiny seeded one; ``clean`` (``has_trigger = False``)
+is held to its own contract: nothing changes and the triggered test set is empty.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 import attacks  # noqa: F401  (registers the built-in attacks)
 from attacks import ATTACKS
 from attacks.badnets import GRID_TRIGGER
+from attacks.base import prepare_attack
 from bench.data import ImageSet
+from bench.models import MODELS
 from bench.registry import BenchError
 from bench.store import load_tensors, save_tensors
 
@@ -38,10 +42,19 @@ def smooth_set(n: int = 16, c: int = 3, s: int = 32, seed: int = 0) -> torch.Ten
     return F.interpolate(low, size=s, mode="bilinear", align_corners=True).round().to(torch.uint8)
 
 
+FAST = {"lf": {"uap_steps": 5}}  # the contract does not depend on the optimiser's budget
+
+
+def reference_model(c: int = 3):
+    """A tiny seeded clean model for attacks that need one (untrained: the contract needs none)."""
+    return MODELS.get("smallcnn")(width=4).build(K, c, (0.5,) * c, (0.29,) * c, seed=0).eval()
+
+
 def prepared(name: str, c: int = 3, size: int = 32, seed: int = 0, **fields):
-    atk = ATTACKS.get(name)(**fields)
+    cls = ATTACKS.get(name)
+    atk = cls(**{**FAST.get(name, {}), **fields})
     train = make_set(c=c, s=size)
-    atk.prepare(K, c, size, train, seed)
+    prepare_attack(atk, K, c, size, train, seed, reference_model(c) if cls.needs_clean_model else None)
     return atk, train
 
 
@@ -71,7 +84,9 @@ def test_trigger_contract(name, c, s, device):
         out = atk.trigger(x)
         assert out.shape == x.shape and out.dtype == torch.uint8 and out.device == x.device
         assert torch.equal(x, before), "trigger must not modify its input in place"
-        if b:
+        if b and not atk.has_trigger:  # clean: no trigger, nothing changes
+            assert torch.equal(out, x)
+        elif b:
             assert (out != x).flatten(1).any(1).all(), "every image must change"
 
 
@@ -96,6 +111,9 @@ def refuses_all2all(name) -> bool:
 def test_apply_labels(name):
     atk, train = prepared(name, target=3)
     x, y = atk.apply(train.x, train.y)
+    if not atk.has_trigger:  # clean: no trigger and no label map
+        assert torch.equal(x, train.x) and torch.equal(y, train.y)
+        return
     assert torch.equal(x, atk.trigger(train.x)) and (y == 3).all()
     if refuses_all2all(name):
         return
@@ -108,6 +126,14 @@ def test_apply_labels(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_poison(name, label_mode):
     if label_mode == "all2all" and refuses_all2all(name):
+        return
+    if not ATTACKS.get(name).has_trigger:  # clean: poisons nothing, and any other rate is refused
+        with pytest.raises(BenchError, match="poison_rate"):
+            ATTACKS.get(name)(poison_rate=0.25)
+        atk, train = prepared(name, label_mode=label_mode, target=2)
+        p = atk.poison(train, seed=5)
+        assert len(p.poison_idx) == 0 and p.poison_idx.dtype == torch.long
+        assert torch.equal(p.data.x, train.x) and torch.equal(p.data.y, train.y)
         return
     atk, train = prepared(name, label_mode=label_mode, target=2, poison_rate=0.25)
     x0, y0 = train.x.clone(), train.y.clone()
@@ -151,6 +177,10 @@ def test_poison(name, label_mode):
 def test_test_set(name):
     atk, train = prepared(name, target=4)
     ts = atk.test_set(train)
+    if not atk.has_trigger:  # clean: no triggered test set, so ASR and RA are undefined
+        assert len(ts) == 0 and ts.x.shape == (0, *train.x.shape[1:]) and ts.x.dtype == torch.uint8
+        assert len(ts.y_true) == len(ts.y_target) == 0
+        return
     keep = train.y != 4
     assert len(ts) == int(keep.sum())
     assert torch.equal(ts.y_true, train.y[keep]) and (ts.y_target == 4).all()

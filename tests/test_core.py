@@ -179,6 +179,23 @@ def test_train_extension_points_are_called_in_order():
     assert stats["train_acc"] > 0.9  # every label was rewritten to 0 by the extension: easy to fit
 
 
+def test_train_extension_plan_sees_the_run_before_start():
+    train_set, _ = DATASETS.get("synthetic")(n_train=200, n_test=10).load()
+    calls = []
+
+    class Planner(TrainExtension):
+        def plan(self, data, cfg, aug, steps_per_epoch):
+            calls.append(("plan", len(data), cfg.epochs, aug, steps_per_epoch))
+
+        def start(self, model, device):
+            calls.append("start")
+
+    m = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.29,) * 3)
+    aug = Augmentation(2, True)
+    train(m, train_set, TrainConfig(epochs=2, batch_size=64), aug, seed=0, extensions=[Planner()])
+    assert calls == [("plan", 200, 2, aug, 3), "start"]  # 200 // 64 = 3 steps: the ragged batch is dropped
+
+
 def test_train_extension_may_return_float_images_and_extra_loss_moves_the_model():
     train_set, _ = DATASETS.get("synthetic")(n_train=128, n_test=10).load()
 
