@@ -298,7 +298,37 @@ def markdown_table(records: list[dict]) -> str:
         if notes:
             lines += [""] + ["- " + _md_escape(n).replace("*", "\\*") for n in notes]
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    timing = timing_markdown(records)
+    return "\n\n".join(parts + ([timing] if timing else [])) + "\n"
+
+
+def timing_markdown(records: list[dict]) -> str:
+    """Seconds per defense over the finished cells: the median defense time, and the median and
+    largest ratio of defense time to the training time of the model it defended (both read from
+    the records, as every other number here)."""
+    by_def: dict[str, list[tuple[float, float | None]]] = {}
+    for r in records:
+        sec = r.get("seconds") or {}
+        if not _ok(r) or not isinstance(sec.get("defense"), (int, float)):
+            continue
+        train_s = sec.get("train") if isinstance(sec.get("train"), (int, float)) and sec.get("train") > 0 else None
+        by_def.setdefault(str(r["defense"]), []).append((float(sec["defense"]), train_s))
+    if not by_def:
+        return ""
+    lines = ["### Seconds", "", "| defense | cells | median s | median s / training | max s / training |", "|---|---:|---:|---:|---:|"]
+    for d in _ordered(by_def):
+        secs = sorted(s for s, _ in by_def[d])
+        ratios = sorted(s / t for s, t in by_def[d] if t)
+        med = lambda v: (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2  # noqa: E731
+        rtxt = (f"{med(ratios):.2f} | {ratios[-1]:.2f}") if ratios else "- | -"
+        lines.append(f"| {_md_escape(d)} | {len(secs)} | {med(secs):.1f} | {rtxt} |")
+    trains = sorted({(str(r.get("dataset")), str(r.get("model")), str(r.get("attack")), r.get("seed")): r["seconds"]["train"]
+                     for r in records if _ok(r) and isinstance((r.get("seconds") or {}).get("train"), (int, float))}.items(),
+                    key=lambda kv: kv[1])
+    if trains:
+        lines += ["", f"Training time of the defended models: median {trains[(len(trains) - 1) // 2][1]:.0f} s over "
+                      f"{len(trains)} models (min {trains[0][1]:.0f} s, max {trains[-1][1]:.0f} s)."]
+    return "\n".join(lines)
 
 
 def _md_escape(s: str) -> str:
@@ -709,6 +739,7 @@ RNP_LOG = "rnp_official_log_badnets_cifar10"
 ATTACK_ALIASES = {"badnet": "badnets", "blended": "blend", "inputaware": "iad", "trojannn": "trojan",
                   "lowfrequency": "lf", "labelconsistent": "lc"}
 REMOVED = 20.0  # "removes the backdoor": ASR after the defense <= 20 % (the issue's bar)
+NOT_IMPLANTED = "not implanted"  # the backdoored model's own ASR is <= REMOVED: nothing to remove
 
 
 def _direction(asr: float | None) -> str:
@@ -733,22 +764,33 @@ def compare_markdown(records: list[dict]) -> str:
         lines, agree, total = [], 0, 0
         for t in build_tables(recs):
             for a in t.attacks:
+                # An attack whose backdoored model has ASR <= REMOVED was never implanted on that side:
+                # no defense can "remove" it, so those cells say so and stay out of the agreement count.
+                none_ours, none_pub = t.cell(a, "none"), pub.get((_norm(a), "none"))
+                weak_ours = none_ours is not None and _direction(none_ours.mean("asr")) == "removes"
+                weak_pub = none_pub is not None and _direction(float(none_pub["asr_pct"])) == "removes"
                 for d in t.defenses:
                     c, p = t.cell(a, d), pub.get((_norm(a), _norm(d)))
                     if c is None or p is None:
                         continue
-                    ours, theirs = _direction(c.mean("asr")), _direction(float(p["asr_pct"]))
-                    same = "-" if d == "none" or "-" in (ours, theirs) else ("yes" if ours == theirs else "no")
+                    ours = NOT_IMPLANTED if weak_ours else _direction(c.mean("asr"))
+                    theirs = NOT_IMPLANTED if weak_pub else _direction(float(p["asr_pct"]))
+                    undecided = d == "none" or "-" in (ours, theirs) or NOT_IMPLANTED in (ours, theirs)
+                    same = "-" if undecided else ("yes" if ours == theirs else "no")
                     if same != "-":
                         total += 1
                         agree += same == "yes"
+                    if d == "none":  # the backdoored model: no direction, unless the attack did not implant
+                        ours, theirs = (NOT_IMPLANTED if weak_ours else "-"), (NOT_IMPLANTED if weak_pub else "-")
                     lines.append(f"| {t.model} | {a} | {d} | {c.text('ca')} | {p['ca_pct']} | {c.text('asr')} | {p['asr_pct']} "
-                                 f"| {ours if d != 'none' else '-'} | {theirs if d != 'none' else '-'} | {same} |")
+                                 f"| {ours} | {theirs} | {same} |")
         if lines:
             parts.append("\n".join(
                 [f"### Against the BackdoorBench leaderboard ({dataset})", ""] + [f"> {s}" for s in ref.source]
                 + ["", f"Direction: a defense 'removes' the backdoor when its ASR is <= {REMOVED:g} %. "
-                       f"Our direction agrees with the published one in {agree} of {total} defended cells.", "",
+                       f"Our direction agrees with the published one in {agree} of {total} defended cells "
+                       f"(an attack whose backdoored model has ASR <= {REMOVED:g} % on either side is marked '{NOT_IMPLANTED}' "
+                       "and not counted).", "",
                    "| our model | attack | defense | CA ours | CA published | ASR ours | ASR published | ours | published | agree |",
                    "|---|---|---|---:|---:|---:|---:|---|---|---|"] + lines))
     cifar = [r for r in records if _norm(str(r["dataset"])) == "cifar10"]

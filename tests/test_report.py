@@ -253,3 +253,27 @@ def test_compare_gives_each_sides_direction_on_gtsrb():
     assert "| resnet18 | blend | nc | 95.00 | 97.76 | 60.00 | 8.03 | keeps | removes | no |" in cmp
     assert "| blend | rnp |" not in cmp
     assert "agrees with the published one in 2 of 3 defended cells" in cmp
+
+
+def test_compare_marks_an_attack_that_did_not_implant_and_leaves_it_out_of_the_count():
+    # Our WaNet model never learnt its backdoor (ASR 15 % before any defense): FT's 1 % afterwards is not a
+    # removal, so the cell reads "not implanted" and does not count; BadNets (implanted) still does.
+    recs = [rec("wanet", "none", 0, 0.95, 0.15, 0.8, dataset="gtsrb", model="resnet18"),
+            rec("wanet", "ft", 0, 0.95, 0.01, 0.9, dataset="gtsrb", model="resnet18"),
+            rec("badnets", "none", 0, 0.95, 1.0, 0.0, dataset="gtsrb", model="resnet18"),
+            rec("badnets", "ft", 0, 0.95, 0.03, 0.9, dataset="gtsrb", model="resnet18")]
+    cmp = compare_markdown(recs)
+    assert "| resnet18 | wanet | ft | 95.00 | 98.54 | 1.00 | 0.29 | not implanted | removes | - |" in cmp
+    assert "| resnet18 | wanet | none | 95.00 | 97.74 | 15.00 | 94.25 | not implanted | - | - |" in cmp
+    assert "| resnet18 | badnets | ft | 95.00 | 98.73 | 3.00 | 5.09 | removes | removes | yes |" in cmp
+    assert "agrees with the published one in 1 of 1 defended cells" in cmp
+
+
+def test_table_has_each_defenses_median_seconds_and_ratio_to_training():
+    recs = [rec("badnets", d, s, 0.9, 0.1, 0.5) for d in ("none", "ft") for s in (0, 1, 2)]
+    for r, (train_s, ft_s) in zip([r for r in recs if r["defense"] == "ft"], [(100.0, 20.0), (80.0, 40.0), (90.0, 9.0)]):
+        r["seconds"].update(train=train_s, defense=ft_s)
+    md = markdown_table(recs)
+    timing = md[md.index("### Seconds"):]
+    assert "| ft | 3 | 20.0 | 0.20 | 0.50 |" in timing  # times 9, 20, 40 s; ratios 0.1, 0.2, 0.5
+    assert "median 90 s over 3 models (min 80 s, max 100 s)" in timing
