@@ -21,7 +21,8 @@ from bench.data import ImageSet
 from bench.registry import BenchError
 
 K = 10
-CLEAN = [n for n in ATTACKS.names() if ATTACKS.get(n).clean_label]
+# Attacks that need a clean reference model (LC) prepare only with one; tests/test_trojan_lc.py checks them.
+CLEAN = [n for n in ATTACKS.names() if ATTACKS.get(n).clean_label and not ATTACKS.get(n).needs_clean_model]
 KORNIA_YUV_TO_RGB = torch.tensor([[1.0, 0.0, 1.14], [1.0, -0.396, -0.581], [1.0, 2.029, 0.0]], dtype=torch.float64)
 
 
