@@ -301,7 +301,9 @@ def test_lf_perturbation_pushes_the_reference_model_to_the_target():
         atk = LowFrequency(target=target, uap_steps=steps)
         atk.prepare(K, 3, 32, train_set, 0, reference=ref)
         rates[steps] = float((predict(ref, atk.trigger(held_out), bf16=False) == target).float().mean())
-    assert rates[0] < 0.05 and rates[100] > rates[0] + 0.1, rates
+    # The random pattern's own rate depends on the toy model (0.00-0.16 across thread counts); the
+    # optimised one must beat it clearly.
+    assert rates[100] > rates[0] + 0.1, rates
 
 
 @pytest.mark.parametrize("field,value,match", [
