@@ -47,6 +47,7 @@ undefined (``None`` in the records, "-" in the tables).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
@@ -60,6 +61,19 @@ from bench.registry import Registry
 from bench.train import TrainExtension
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack", entry_point_group="bdbench.attacks")
+
+
+def batch_share(batch_size: int, rate: float, gen: torch.Generator) -> int:
+    """How many images of a batch a training-controlled attack rewrites for a per-batch ``rate``.
+
+    ``int(batch_size * rate)`` as the official BPP and IAD code; below one image per batch, one
+    with probability ``batch_size * rate`` (BackdoorBench's rule for tiny rates), drawn from ``gen``.
+    """
+    expected = batch_size * rate
+    n = math.floor(expected + 1e-9)  # + 1e-9: 0.29 * 100 is 28.999...
+    if n == 0 and expected > 0:
+        n = int(float(torch.rand((), generator=gen)) < expected)
+    return n
 
 
 @dataclass

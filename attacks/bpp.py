@@ -62,7 +62,7 @@ from typing import ClassVar
 
 import torch
 
-from attacks.base import ATTACKS, Attack, PoisonedSet
+from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share
 from bench.config import param
 from bench.data import ImageSet
 from bench.registry import BenchError
@@ -151,10 +151,7 @@ class Bpp(Attack):
         Below one poisoned image per batch, one is poisoned with probability ``batch_size * pc``
         (BackdoorBench), drawn from ``gen``.
         """
-        expected = batch_size * self.poison_rate
-        num_bd = math.floor(expected + 1e-9)  # + 1e-9: 0.29 * 100 is 28.999...
-        if num_bd == 0 and expected > 0:
-            num_bd = int(float(torch.rand((), generator=gen)) < expected)
+        num_bd = batch_share(batch_size, self.poison_rate, gen)
         num_neg = math.floor(batch_size * self.neg_ratio + 1e-9) if batch_size > 1 else 0
         return num_bd, min(num_neg, batch_size - num_bd)
 

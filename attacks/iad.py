@@ -114,7 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import ATTACKS, Attack, PoisonedSet
+from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share
 from bench.config import param
 from bench.data import Augmentation, ImageSet, augment
 from bench.registry import BenchError
@@ -285,10 +285,7 @@ class IAD(Attack):
     def batch_counts(self, batch_size: int, gen: torch.Generator) -> tuple[int, int]:
         """(backdoored, cross-trigger) images in a batch, as the official ``int(...)``; below one
         backdoored image per batch, one with probability ``batch_size * poison_rate`` (BackdoorBench)."""
-        expected = batch_size * self.poison_rate
-        num_bd = math.floor(expected + 1e-9)  # + 1e-9: 0.29 * 100 is 28.999...
-        if num_bd == 0 and expected > 0:
-            num_bd = int(float(torch.rand((), generator=gen)) < expected)
+        num_bd = batch_share(batch_size, self.poison_rate, gen)
         num_cross = math.floor(batch_size * self.cross_rate + 1e-9) if batch_size > 2 else 0
         return num_bd, min(num_cross, batch_size - num_bd)
 
