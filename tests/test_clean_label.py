@@ -19,6 +19,7 @@ from attacks.ctrl import block_dct, block_idct, dct_matrix
 from bench.cli import main
 from bench.data import ImageSet
 from bench.registry import BenchError
+from reference_math import naive_dct_matrix
 
 K = 10
 # Attacks that need a clean reference model (LC) prepare only with one; tests/test_trojan_lc.py checks them.
@@ -34,16 +35,6 @@ def unbalanced_set(n: int = 200, target_count: int = 13, target: int = 3, c: int
     y[torch.randperm(n, generator=gen)[:target_count]] = target
     x = torch.randint(0, 256, (n, c, s, s), generator=gen, dtype=torch.uint8)
     return ImageSet(x, y)
-
-
-def naive_dct_matrix(n: int) -> torch.Tensor:
-    """Orthonormal DCT-II from its definition, one entry at a time."""
-    d = torch.empty(n, n, dtype=torch.float64)
-    for k in range(n):
-        scale = math.sqrt(1.0 / n) if k == 0 else math.sqrt(2.0 / n)
-        for i in range(n):
-            d[k, i] = scale * math.cos(math.pi * (2 * i + 1) * k / (2 * n))
-    return d
 
 
 def test_sig_and_ctrl_are_clean_label_and_the_others_are_not():

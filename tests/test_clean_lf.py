@@ -30,6 +30,7 @@ from bench.registry import BenchError
 from bench.report import build_tables, compare_markdown, csv_rows, load_records, write_reports
 from bench.train import TrainConfig, predict, train
 from defenses.base import Defense, DefenseResult
+from reference_math import naive_dct_matrix
 
 K = 10
 TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
@@ -44,16 +45,6 @@ def random_set(n: int = 64, c: int = 3, s: int = 32, seed: int = 100) -> ImageSe
 
 def tiny_model(c: int = 3, seed: int = 0):
     return MODELS.get("smallcnn")(width=4).build(K, c, (0.5,) * c, (0.29,) * c, seed=seed).eval()
-
-
-def naive_dct_matrix(n: int) -> torch.Tensor:
-    """Orthonormal DCT-II from its definition, one entry at a time."""
-    d = torch.empty(n, n, dtype=torch.float64)
-    for k in range(n):
-        scale = math.sqrt(1.0 / n) if k == 0 else math.sqrt(2.0 / n)
-        for i in range(n):
-            d[k, i] = scale * math.cos(math.pi * (2 * i + 1) * k / (2 * n))
-    return d
 
 
 # ---------------------------------------------------------------- clean
