@@ -100,8 +100,8 @@ width 16. Joint training runs ``G`` forward and backward and ``M`` forward on 20
 (about +60% per step for a width-16 ResNet-18, +4% at width 64); one mask pre-training epoch (``M``
 forward and backward on two batches per step) costs about as much as 4.6 classifier epochs of a
 width-16 ResNet-18. ``gen_width = 16`` makes both nets about 4x cheaper (20M). The pre-training
-runs in the extension's ``plan``, before the trainer's clock starts, so the trainer's reported
-seconds and images per second leave it out.
+runs in the extension's ``plan``; the trainer's reported ``seconds`` include it (``plan_seconds``
+is its share), its ``img_per_s`` does not.
 """
 
 from __future__ import annotations

@@ -196,6 +196,23 @@ def test_train_extension_plan_sees_the_run_before_start():
     assert calls == [("plan", 200, 2, aug, 3), "start"]  # 200 // 64 = 3 steps: the ragged batch is dropped
 
 
+def test_train_seconds_include_the_extensions_plan():
+    """An extension's pre-training (IAD's mask generator) is part of what training the model cost."""
+    import time as _time
+
+    train_set, _ = DATASETS.get("synthetic")(n_train=128, n_test=10).load()
+
+    class SlowPlan(TrainExtension):
+        def plan(self, data, cfg, aug, steps_per_epoch):
+            _time.sleep(0.3)
+
+    m = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.29,) * 3)
+    stats = train(m, train_set, TrainConfig(epochs=1, batch_size=64), Augmentation(2, True), seed=0, extensions=[SlowPlan()])
+    assert stats["plan_seconds"] >= 0.3 and stats["seconds"] >= stats["plan_seconds"] + 1e-6
+    plain = train(m, train_set, TrainConfig(epochs=1, batch_size=64), Augmentation(2, True), seed=0)
+    assert plain["plan_seconds"] < 0.3 and stats["img_per_s"] > 0
+
+
 def test_train_extension_may_return_float_images_and_extra_loss_moves_the_model():
     train_set, _ = DATASETS.get("synthetic")(n_train=128, n_test=10).load()
 
