@@ -169,6 +169,13 @@ def list_(what, fields) -> None:
     if what == "presets":
         for name, p in PRESETS.items():
             click.echo(f"{name:10s} {p.description}")
+            if fields:  # what the preset sets: data, model, recipe, and every component field it changes
+                t = p.train
+                click.echo(f"{'':12s}dataset {p.dataset}, model {p.model}, defense data {p.defense_data:g}; train: "
+                           f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, {t.schedule}")
+                for comp, values in p.fields.items():
+                    for fname, value in values.items():
+                        click.echo(f"{'':12s}{comp}.{fname} = {value!r}")
         return
     reg = {"attacks": ATTACKS, "defenses": DEFENSES, "datasets": DATASETS, "models": MODELS}[what]
     for name, cls in reg.items():

@@ -58,6 +58,39 @@ def test_list_shows_every_entry_with_description():
     assert "rnp.clean_threshold (float) = 0.2" in res.output
 
 
+def test_list_presets_fields_shows_what_each_preset_sets():
+    from bench.presets import PRESETS
+
+    res = CliRunner().invoke(main, ["list", "presets", "--fields"])
+    assert res.exit_code == 0
+    blocks = {}
+    for line in res.output.splitlines():
+        if not line.startswith(" "):
+            blocks[line.split()[0]] = []
+        else:
+            blocks[list(blocks)[-1]].append(line.strip())
+    assert set(blocks) == set(PRESETS)
+    assert "sig.target = 2" in blocks["quick"] and "sig.target = 2" not in blocks["demo"]  # clean-label target on GTSRB
+    assert "bpp.squeeze_num = 4" in blocks["demo"] and "train: 4 epochs" in blocks["quick"][0]
+    assert CliRunner().invoke(main, ["list", "presets"]).output.count("\n") == len(PRESETS)  # one line each without --fields
+
+
+@pytest.mark.parametrize("preset", ["demo", "quick", "paper"])
+def test_every_preset_field_builds(preset):
+    """A preset's component fields name real fields with allowed values (a typo would only show at run time)."""
+    from attacks import ATTACKS
+    from bench.config import build
+    from bench.data import DATASETS
+    from bench.models import MODELS
+    from bench.presets import PRESETS
+    from defenses import DEFENSES
+
+    for comp, values in PRESETS[preset].fields.items():
+        reg = next(r for r in (DATASETS, MODELS, ATTACKS, DEFENSES) if comp in r)
+        built = build(reg.get(comp), {}, **values)
+        assert all(getattr(built, k) == v for k, v in values.items())
+
+
 def test_tiny_run_end_to_end_and_report_regenerates(tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--defense", "none", "--preset", "demo", "--out", str(out), *TINY])
