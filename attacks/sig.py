@@ -32,6 +32,13 @@ Departures:
 - A rate above the target class's share: BackdoorBench's ``np.random.choice(...,
   replace=False)`` fails; here the count is capped at the target class's size (see
   ``attacks/base.py``), e.g. 5,923 images for MNIST's class 0 at rate 0.1.
+
+Measured (quick preset, GTSRB, ResNet-18 width 16, 4 epochs, seed 0, target 2 = 2,250 training
+images; the clean model of the same recipe has CA 97.2 %): at the default rate 0.1 the cap takes
+the whole target class and the model trades the class's own features for the signal: CA 91.6,
+ASR 95.8 (RA 2.2); clean class-2 test images, 5.9 % of the test set, are what it loses. At rate
+0.05 (1,960 of the 2,250) CA 97.0, ASR 87.8. Poisoning every target image is what 0.1 does on
+CIFAR-10 too, so the default stays BackdoorBench's; ``--set sig.poison_rate=0.05`` keeps CA.
 """
 
 from __future__ import annotations

@@ -58,3 +58,14 @@ def test_quick_run_reports_every_number(one_thread):
     assert r["total_seconds"] > 0
     table = format_table(r)
     assert all(name in table for name in PERF_MODELS) and "speedup" in table and "GFLOP/s" in table
+
+
+def test_plain_model_names_are_the_presets_widths():
+    """``train_peak_fraction["smallcnn"]`` is the demo's model and ``["resnet18"]`` the quick preset's."""
+    from bench.models import MODELS
+    from bench.presets import PRESETS
+
+    for name, preset in (("smallcnn", "demo"), ("resnet18", "quick")):
+        model_name, kw = PERF_MODELS[name]
+        assert model_name == name == PRESETS[preset].model and kw == PRESETS[preset].fields[name]
+        MODELS.get(model_name)(**kw)  # a valid model
