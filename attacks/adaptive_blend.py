@@ -53,6 +53,11 @@ Departures:
 - Piece edges: the official code asserts that the image size is divisible by ``sqrt(pieces)``;
   here piece ``i`` of a row spans pixels ``[i * H // n, (i + 1) * H // n)``, equal squares in that
   case (CIFAR 32 and MNIST 28 with 16 pieces) and near-equal otherwise.
+
+Measured (quick preset, GTSRB, ResNet-18 width 16, seed 0, target 0; the clean model of the 4-epoch
+recipe has CA 97.2 %): 4 epochs: CA 96.7, ASR 17.8 (RA 67.8); 12 epochs (``--set
+train.epochs=12``): CA 98.1, ASR 59.5, the paper-rate attack's 60 % goal within a point. At 0.3 %
+the 118 poisoned and 118 cover images of GTSRB are seen only 4 times in 4 epochs.
 """
 
 from __future__ import annotations

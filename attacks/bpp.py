@@ -51,6 +51,12 @@ Defaults:
   ``--injection_rate 0.2`` and ``--neg_rate 0.2`` (BackdoorBench's ``original_default.yaml``).
 - Target 0, all-to-one: official ``--target_label 0``, ``--attack_mode all2one``.
 The test set (``trigger``) is the squeeze alone, dithered when ``dithering`` is set (official ``eval``).
+
+Measured (quick preset, GTSRB, ResNet-18 width 16, seed 0, target 0; the clean model of the 4-epoch
+recipe has CA 97.2 %): 4 epochs: CA 96.5, ASR 74.7 (RA 24.8); 12 epochs (``--set
+train.epochs=12``): CA 98.0, ASR 99.0. So the shortfall at 4 epochs is the recipe's length, not
+the trigger. On the demo's synthetic set the defaults reach 22.6 % in 10 epochs; the demo preset
+squeezes to 4 levels and poisons 20 % of each batch (88.3 %, ``bench/presets.py``).
 """
 
 from __future__ import annotations

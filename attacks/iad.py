@@ -102,6 +102,11 @@ forward and backward on two batches per step) costs about as much as 4.6 classif
 width-16 ResNet-18. ``gen_width = 16`` makes both nets about 4x cheaper (20M). The pre-training
 runs in the extension's ``plan``; the trainer's reported ``seconds`` include it (``plan_seconds``
 is its share), its ``img_per_s`` does not.
+
+Measured (quick preset, GTSRB, ResNet-18 width 16, seed 0, target 0; the clean model of the 4-epoch
+recipe has CA 97.2 %): 4 epochs: CA 97.0, ASR 75.9 (RA 23.7), 317 s of which 150 s are the one
+mask pre-training epoch at width 32; 12 epochs (``--set train.epochs=12``): CA 98.0, ASR 88.8, 620 s.
+On the demo's synthetic set (10 epochs): ASR 35.7; 5 mask epochs: 40.7; ``gen_width=16`` with them: 23.2.
 """
 
 from __future__ import annotations

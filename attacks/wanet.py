@@ -32,6 +32,11 @@ unchanged, which the paper's description of all-to-all does not).
 Defaults (``config.py``): ``k = 4``, ``s = 0.5``, ``grid_rescale = 1``, ``cross_ratio = 2``,
 ``pc = 0.1`` (the base class's ``poison_rate``), ``target_label = 0``, ``attack_mode = all2one``.
 The test set (``trigger``) is warped with ``grid`` alone, as in the official ``eval``.
+
+Measured (quick preset, GTSRB, ResNet-18 width 16, seed 0, target 0; the clean model of the 4-epoch
+recipe has CA 97.2 %): 4 epochs: CA 96.3, ASR 10.8 (seeds 1 and 2: 8.6, 36.0); 12 epochs
+(``--set train.epochs=12``): CA 94.9, ASR 57.1. The official code trains for hundreds of epochs; a
+warp this faint is learnt slowly, and the quick preset's 4 epochs are far too few for it.
 """
 
 from __future__ import annotations
