@@ -24,37 +24,7 @@ from defenses.clp import CLP, SWEEP as U_SWEEP, channel_lipschitz, conv_bn_pairs
 from defenses.masks import MaskSet
 from defenses.rnp import RNP, SWEEP
 
-SYN = DATASETS.get("synthetic")(n_train=600, n_test=10)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sets() -> tuple[ImageSet, ImageSet]:
-    train_set, _ = SYN.load()
-    return train_set.subset(torch.arange(500)), train_set.subset(torch.arange(500, 564))
-
-
-@pytest.fixture(scope="module")
-def model(sets) -> nn.Module:
-    m = MODELS.get("smallcnn")(width=8).build(10, 3, SYN.mean, SYN.std, seed=0)
-    train(m, sets[0], TrainConfig(epochs=4, batch_size=50, lr=0.1), SYN.augmentation, seed=0)
-    return m.eval()
-
-
-def ctx(seed: int = 0) -> DefenseContext:
-    return DefenseContext(num_classes=10, augmentation=SYN.augmentation, seed=seed)
-
-
-def state(m: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, one_thread, sets, state  # noqa: F401  (fixtures)
 
 
 FAST_ANP = dict(iterations=15, batch_size=32, threshold=0.6)  # 15 steps on a clean model: a few masks reach 0.6
@@ -122,18 +92,7 @@ def test_anp_prunes_exactly_the_channels_at_or_below_the_threshold(model, anp_ru
     thr, masks = info["threshold"], info["masks"]
     assert thr == 0.6 and info["select"] == "fixed" and info["mask_kind"] == "bn"
     assert all(0.0 <= v <= 1.0 for vs in masks.values() for v in vs)
-    zeroed = 0
-    for key, t in before.items():
-        layer, _, leaf = key.rpartition(".")
-        if layer in masks and leaf == "weight":
-            m = torch.tensor(masks[layer])
-            cut = after[key] == 0
-            clear = (m - thr).abs() > 1e-4  # info masks are rounded; skip values at the threshold
-            assert torch.equal(cut[clear], (m <= thr)[clear])
-            assert torch.equal(after[key][~cut], t[~cut])
-            zeroed += int(cut.sum())
-        else:
-            assert torch.equal(after[key], t), f"{key} changed"
+    zeroed = assert_pruned_by_masks(before, after, masks, thr)
     assert zeroed == info["channels_pruned"] > 0
     assert info["channels_total"] == sum(len(v) for v in masks.values()) == 112
 
