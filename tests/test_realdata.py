@@ -17,6 +17,17 @@ def test_gtsrb_and_mnist_load_with_the_official_counts(data_dir):
     assert train.x.dtype == torch.uint8 and int(train.y.max()) == 42 and int(test.y.min()) == 0
     counts = torch.bincount(train.y, minlength=43)
     assert counts.min() == 210 and counts.max() == 2250  # GTSRB's known class imbalance
+    # The quick preset points clean-label attacks at GTSRB's largest class (class 0, every other
+    # attack's target, is also its smallest): each of them then poisons at least 5 % of the set.
+    from attacks import ATTACKS
+    from bench.presets import PRESETS
+
+    quick = PRESETS["quick"]
+    assert quick.dataset == "gtsrb" and int(counts[0]) == 210
+    for name, cls in ATTACKS.items():
+        if cls.clean_label:
+            target = quick.fields.get(name, {}).get("target", 0)
+            assert int(counts[target]) == int(counts.max()), f"{name} targets class {target} on quick"
     train, test = DATASETS.get("mnist")().load(data_dir)
     assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     assert torch.bincount(test.y).tolist()[:3] == [980, 1135, 1032]
