@@ -1,9 +1,10 @@
-"""Shared fixtures: an isolated cache folder, and the real-data root when CI provides one."""
+"""Shared fixtures: an isolated cache folder, the real-data root when CI provides one, one thread per module."""
 
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +28,13 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"BENCH_DATA_DIR={root} is set but is not a folder")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    as fast as two for such models, and it does not spin on OpenMP barriers on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """Fixtures shared by the defense tests: one tiny synthetic set and one briefly trained smallcnn.
 
-Import them into a test module (``from defense_fixtures import SYN, ctx, model, one_thread, sets, state``);
+Import them into a test module (``from defense_fixtures import SYN, ctx, model, sets, state``);
 pytest finds fixtures by name in the module that uses them.
 """
 
@@ -16,13 +16,6 @@ from defenses import DefenseContext
 SYN = DATASETS.get("synthetic")(n_train=600, n_test=10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and does not spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

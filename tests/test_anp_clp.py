@@ -24,7 +24,9 @@ from defenses.clp import CLP, SWEEP as U_SWEEP, channel_lipschitz, conv_bn_pairs
 from defenses.masks import MaskSet
 from defenses.rnp import RNP, SWEEP
 
-from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, one_thread, sets, state  # noqa: F401  (fixtures)
+from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, sets, state  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 FAST_ANP = dict(iterations=15, batch_size=32, threshold=0.6)  # 15 steps on a clean model: a few masks reach 0.6

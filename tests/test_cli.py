@@ -27,6 +27,21 @@ TINY = ["--set", "synthetic.n_train=300", "--set", "synthetic.n_test=100", "--se
     (["--set", "nosuch.x=1"], "--set names unknown component 'nosuch'"),
     (["--set", "train.epochs"], "--set 'train.epochs' is malformed"),
     (["--set", "train.schedule=linear"], "train.schedule='linear' is not allowed"),
+    # the new attacks' settings (the attacks issue's bad-input list among them)
+    (["--set", "adaptive_blend.pieces=0"], "adaptive_blend.pieces=0 is out of range"),
+    (["--set", "sig.delta=-5"], "sig.delta=-5.0 is out of range; allowed: (0, 255]"),
+    (["--set", "sig.delta=0"], "sig.delta=0.0 is out of range; allowed: (0, 255]"),
+    (["--set", "sig.delta=300"], "sig.delta=300.0 is out of range; allowed: (0, 255]"),
+    (["--set", "sig.f=0"], "sig.f=0.0 is out of range"),
+    (["--set", "sig.label_mode=all2all"], "sig.label_mode='all2all' is not allowed; choose one of: all2one"),
+    (["--set", "ctrl.positions=15,40"], "ctrl.positions=(15, 40) is not allowed"),
+    (["--set", "ctrl.channels=1,3"], "ctrl.channels=(1, 3) is not allowed"),
+    (["--set", "ctrl.magnitude=-1"], "ctrl.magnitude=-1.0 is out of range"),
+    (["--set", "lc.eps=2"], "lc.eps=2.0 is out of range; allowed: (0, 1]"),
+    (["--set", "lc.eps=0"], "lc.eps=0.0 is out of range; allowed: (0, 1]"),
+    (["--set", "lc.amplitude=1.5"], "lc.amplitude=1.5 is out of range; allowed: (0, 1]"),
+    (["--set", "lc.label_mode=all2all"], "lc.label_mode='all2all' is not allowed; choose one of: all2one"),
+    (["--set", "trojan.trigger_eps=2"], "trojan.trigger_eps=2.0 is out of range; allowed: (0, 1]"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, args, message):
     out = tmp_path / "run"

@@ -24,7 +24,9 @@ from defenses.fp import FinePruning, head_features, last_linear
 from defenses.masks import attach_masks, prune
 from defenses.rnp import RNP, SWEEP, batches, recalibrate_bn
 
-from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, one_thread, sets, state  # noqa: F401  (fixtures)
+from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, sets, state  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def same_state(a: dict, b: dict) -> bool:

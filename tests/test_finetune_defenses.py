@@ -29,14 +29,8 @@ from defenses.nad import NAD, AttentionDistillation, attention_loss, attention_m
 
 SYN = DATASETS.get("synthetic")(n_train=1064, n_test=300)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and does not spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ctx(seed: int = 0) -> DefenseContext:

@@ -23,14 +23,8 @@ from bench.train import TrainConfig, to_input, train
 from defenses import DEFENSES, DefenseContext
 from defenses.ibau import IBAU, affine_batchnorm, fixed_point_hypergrad, gd_map
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and does not spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ctx(seed: int = 0) -> DefenseContext:

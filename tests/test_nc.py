@@ -36,13 +36,8 @@ K, TARGET = 10, 3
 NO_AUG = Augmentation(pad=0, flip=False)
 FAST = dict(epochs=40, batches_per_epoch=2, batch_size=16)  # 80 steps: enough for the 3x3 patch here
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prototypes(n: int, seed: int) -> ImageSet:

@@ -30,16 +30,6 @@ def test_count_flops_restores_the_mode_and_leaves_no_hooks():
     assert model.training and not model[0]._forward_hooks
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP barriers between descheduled
-    threads made this test 20x slower. Only the shape of the result is tested here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_quick_run_reports_every_number(one_thread):
     r = run_perf(quick=True, device="cpu")
     assert "1 thread)" in r["device"]
