@@ -63,7 +63,9 @@ ASR 0.0 and 300 gives 34.9. At 100 each coefficient adds at most 6.25 levels to 
 of the training crop inverts. The official code reports its ASR for self-supervised
 training (SimCLR and kin, hundreds of epochs), and its author notes that the right strength depends
 on the setting (meet-cjli/CTRL issue #2). The default stays the official 100; ``ctrl.magnitude``
-is the knob.
+is the knob. Poisoning all 2,250 class-2 images (rate 0.1) at magnitude 200 gives ASR 98.2 but CA
+91.3 (the clean class-2 test images are lost); rate 0.055 (2,156 images) at magnitude 300, the
+quick preset's setting, gives CA 97.0, ASR 95.7.
 """
 
 from __future__ import annotations

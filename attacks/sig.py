@@ -38,7 +38,8 @@ images; the clean model of the same recipe has CA 97.2 %): at the default rate 0
 the whole target class and the model trades the class's own features for the signal: CA 91.6,
 ASR 95.8 (RA 2.2); clean class-2 test images, 5.9 % of the test set, are what it loses. At rate
 0.05 (1,960 of the 2,250) CA 97.0, ASR 87.8. Poisoning every target image is what 0.1 does on
-CIFAR-10 too, so the default stays BackdoorBench's; ``--set sig.poison_rate=0.05`` keeps CA.
+CIFAR-10 too, so the default stays BackdoorBench's; ``--set sig.poison_rate=0.05`` keeps CA; with ``sig.delta=50`` as well (the quick preset's setting)
+CA 97.5, ASR 93.8.
 """
 
 from __future__ import annotations

@@ -49,6 +49,38 @@ DEMO_ATTACK_STRENGTH: dict[str, dict] = {
     "adaptive_blend": {"poison_rate": 0.03, "cover_rate": 0.03},
 }
 
+# Attack strength on the quick preset (GTSRB, ResNet-18 width 16, 4 epochs). The papers train for
+# 100-1000 epochs; at 4 the attacks whose trigger is faint or applied per batch are not learnt at
+# their papers' settings. Backdoored CA / ASR in %, seed 0 (`bench run --attack X --defense none
+# --preset quick --seeds 0 --data-dir ../shared/data --set run.sweep=false --set ...`, 2026-11-22,
+# 2-core EPYC with native bf16, bf16 on, 2 threads); the clean model of the recipe has CA 97.2:
+#   wanet at its defaults (s 0.5):             96.3 / 10.8;  12 epochs: 94.9 / 57.1
+#       s 1.0: 94.6 / 52.9;  s 2.0 (this preset): 95.8 / 89.4;  s 3.0: 96.9 / 69.4 (not monotonic: at 4
+#       epochs WaNet varies a lot from model to model, seeds 1 and 2 at the defaults gave 8.6 and 36.0);
+#       s 2.0 with 20 % of each batch: 94.1 / 93.2 (CA 3.1 below the clean model)
+#   bpp at its defaults (8 levels):            96.5 / 74.7;  12 epochs: 98.0 / 99.0
+#       4 levels (this preset):                96.5 / 94.5
+#   sig at its defaults (0.1 = all 2,250 class-2 images, delta 40): 91.6 / 95.8 (clean class 2 lost)
+#       rate 0.05 (1,960 images): 97.0 / 87.8;  rate 0.05, delta 50 (this preset): 97.5 / 93.8
+#   ctrl at its defaults (0.05, magnitude 100): 97.4 / 0.1;  12 epochs: 98.7 / 75.3
+#       magnitude 300: 97.0 / 77.7;  rate 0.1 (all of class 2), magnitude 200: 91.3 / 98.2
+#       rate 0.055 (2,156 of 2,250), magnitude 300 (this preset): 97.0 / 95.7
+#   iad at its defaults (10 % + 10 % cross):   97.0 / 75.9;  12 epochs: 98.0 / 88.8
+#       20 % backdoor: 96.8 / 89.7;  30 % (this preset): 96.5 / 95.7 (438 s)
+# Not reached on the quick preset (defaults kept, shortfall reported in the README):
+#   adaptive_blend at the paper's rates 0.3 % + 0.3 %: 96.7 / 17.8 (12 epochs: 98.1 / 59.5); with a
+#       uniform-noise trigger image in place of the photograph: 97.2 / 2.8
+#   lc (all 2,250 class-2 images): 96.4 / 0.3; full amplitude: 94.9 / 0.4; 12 epochs: 98.1 / 0.3; a
+#       PGD-adversarially trained reference (see attacks/lc.py): 97.0 / 0.6, full amplitude 96.6 / 1.1
+QUICK_ATTACK_STRENGTH: dict[str, dict] = {
+    "wanet": {"s": 2.0},
+    "bpp": {"squeeze_num": 4},
+    "sig": {"target": 2, "poison_rate": 0.05, "delta": 50.0},
+    "ctrl": {"target": 2, "poison_rate": 0.055, "magnitude": 300.0},
+    "iad": {"poison_rate": 0.3},
+    "lc": {"target": 2},
+}
+
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         name="demo",
@@ -91,8 +123,7 @@ PRESETS: dict[str, Preset] = {
         # images, 5.7 % of the set; speed limit 50). They poison only target-class images, and the
         # other attacks' class 0 has 210 (0.54 %): SIG's and LC's 10 % and CTRL's 5 % of the set would be
         # capped at 210 images there. Every other attack keeps target 0, as RNP and BackdoorBench.
-        fields={"resnet18": {"width": 16}, "rnp": {"select": "auto"},
-                **{name: {"target": 2} for name in ("sig", "lc", "ctrl")}},
+        fields={"resnet18": {"width": 16}, "rnp": {"select": "auto"}, **QUICK_ATTACK_STRENGTH},
     ),
     "paper": Preset(
         name="paper",
