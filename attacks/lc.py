@@ -85,7 +85,7 @@ does not implant on GTSRB, at either amplitude, in 4 or 12 epochs. Our first sus
 reference model (BackdoorBench's perturbations come from adversarially trained models, whose
 adversarial images lose their class's robust features). Tested with a PGD-adversarially trained
 reference in its place (same recipe, every batch replaced by L_inf PGD with eps 8/255, 5 steps of
-2/255 from a random start; 436 s, clean CA 84.6 %, adversarial training accuracy 68 %; an
+2/255 from a random start; 436 s on a 2-core EPYC with native bf16, clean CA 84.6 %, adversarial training accuracy 68 %; an
 experiment script, not part of the bench): CA 97.0, ASR 0.6 at amplitude 32/255 and CA 96.6,
 ASR 1.1 at full amplitude. So the reference model is not what stops it either: on GTSRB at this
 recipe's length the corner trigger on the 2,250 class-2 images is not learnt, whichever model

@@ -72,6 +72,7 @@ DEMO_ATTACK_STRENGTH: dict[str, dict] = {
 #       uniform-noise trigger image in place of the photograph: 97.2 / 2.8
 #   lc (all 2,250 class-2 images): 96.4 / 0.3; full amplitude: 94.9 / 0.4; 12 epochs: 98.1 / 0.3; a
 #       PGD-adversarially trained reference (see attacks/lc.py): 97.0 / 0.6, full amplitude 96.6 / 1.1
+# The clean-label attacks' target 2 (sig, ctrl, lc) is here too; why: see the quick preset below.
 QUICK_ATTACK_STRENGTH: dict[str, dict] = {
     "wanet": {"s": 2.0},
     "bpp": {"squeeze_num": 4},
