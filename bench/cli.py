@@ -84,8 +84,9 @@ def main() -> None:
 @click.option("--data-dir", default=None, help="data root (default: $BENCH_DATA_DIR, else the user cache)")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--set", "sets", multiple=True, help="component.field=value override, e.g. rnp.clean_threshold=0.3 (repeatable)")
+@click.option("--detect", default=None, help="all, or a comma list of detectors (bench list detectors): the detection track")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, device, sets, quiet) -> None:
+def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, device, sets, detect, quiet) -> None:
     """Train poisoned models, apply defenses, write records, tables and plots."""
     from attacks import ATTACKS
     from bench.config import parse_sets
@@ -96,6 +97,7 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
     from bench.report import markdown_table, write_reports
     from bench.store import content_hash
     from defenses import DEFENSES
+    from detectors import DETECTORS
 
     dev = _device(device)
     if preset is None:
@@ -116,20 +118,24 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
         preset=preset,
         seeds=_seeds(seeds),
         overrides=parse_sets(sets),
+        detectors=_split(detect, DETECTORS, "detect") if detect is not None else [],
     )
-    cells = spec.resolve()  # every name and value is checked here, before any work
+    cells, detect_cells = spec.resolve_all()  # every name and value is checked here, before any work
     if data_dir is not None and not Path(data_dir).is_dir():
         raise BenchError(f"--data-dir {data_dir} is not a folder")
     if out is None:
         first = cells[0].job
         out = Path("results") / f"{preset}-{first.dataset.name}-{first.model.name}-" \
             f"{content_hash({'cells': [c.id for c in cells], 'sets': sorted(sets)}, 8)}"
-    click.echo(f"run folder: {out}  ({len(cells)} cells, device {dev}, jobs {jobs})")
+    extra = f" + {len(detect_cells)} detection cells" if detect_cells else ""
+    click.echo(f"run folder: {out}  ({len(cells)} cells{extra}, device {dev}, jobs {jobs})")
     records = run_grid(cells, out, preset=preset, data_dir=data_dir, device=dev, jobs=jobs, progress=not quiet,
-                       log=lambda m: click.echo(m))
+                       log=lambda m: click.echo(m), detect=detect_cells)
     paths = write_reports(out)
     click.echo("")
     click.echo(markdown_table(records))
+    if "detection.md" in paths:
+        click.echo(paths["detection.md"].read_text(encoding="utf-8"))
     click.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
@@ -149,13 +155,15 @@ def report(run_dir, compare) -> None:
     paths = write_reports(run_dir)
     records = load_records(run_dir)
     click.echo(markdown_table(records))
+    if "detection.md" in paths:
+        click.echo(paths["detection.md"].read_text(encoding="utf-8"))
     if compare:
         click.echo(compare_markdown(records) or "no cell of this run matches a published reference table (results/reference/)")
     click.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
 
 
 @main.command(name="list")
-@click.argument("what", type=click.Choice(["attacks", "defenses", "datasets", "models", "presets"]))
+@click.argument("what", type=click.Choice(["attacks", "defenses", "detectors", "datasets", "models", "presets"]))
 @click.option("--fields", "-f", is_flag=True, help="also list each entry's hyperparameters and defaults")
 def list_(what, fields) -> None:
     """List registered components with a one-line description and their paper."""
@@ -165,6 +173,7 @@ def list_(what, fields) -> None:
     from bench.models import MODELS
     from bench.presets import PRESETS
     from defenses import DEFENSES
+    from detectors import DETECTORS
 
     if what == "presets":
         for name, p in PRESETS.items():
@@ -177,7 +186,7 @@ def list_(what, fields) -> None:
                     for fname, value in values.items():
                         click.echo(f"{'':12s}{comp}.{fname} = {value!r}")
         return
-    reg = {"attacks": ATTACKS, "defenses": DEFENSES, "datasets": DATASETS, "models": MODELS}[what]
+    reg = {"attacks": ATTACKS, "defenses": DEFENSES, "detectors": DETECTORS, "datasets": DATASETS, "models": MODELS}[what]
     for name, cls in reg.items():
         paper = getattr(cls, "paper", "")
         click.echo(f"{name:16s} {cls.description}" + (f"\n{'':16s} paper: {paper}" if paper else ""))

@@ -41,9 +41,11 @@ import torch
 
 import attacks as _attacks  # noqa: F401  (registers the built-in attacks)
 import defenses as _defenses  # noqa: F401  (registers the built-in defenses)
+import detectors as _detectors  # noqa: F401  (registers the built-in detectors)
 from attacks.base import ATTACKS, Attack, prepare_attack
 from bench.config import Config, build, param
 from bench.data import DATASETS, Dataset, ImageSet, cache_dir, defense_subset
+from bench.detect import DetectCell, base_detect_record as _detect_base, is_done as _detect_done, safe_detect_cell
 from bench.metrics import TriggeredSet, evaluate
 from bench.models import MODELS, ModelSpec
 from bench.presets import PRESETS, Preset
@@ -51,6 +53,7 @@ from bench.registry import BenchError
 from bench.store import content_hash, load_tensors, read_json, save_tensors, write_json, atomic_write_text
 from bench.train import TrainConfig, train
 from defenses.base import DEFENSES, Defense, DefenseContext
+from detectors.base import DETECTORS
 
 CODE_VERSION = "1"  # bump when a change alters trained models, so cached ones are not reused
 
@@ -111,12 +114,17 @@ class GridSpec:
     preset: str = "demo"
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+    detectors: list[str] = field(default_factory=list)  # the detection track (--detect); empty: none
 
     def resolve(self) -> list[Cell]:
+        return self.resolve_all()[0]
+
+    def resolve_all(self) -> tuple[list[Cell], list[DetectCell]]:
+        """The removal cells and the detection cells (one per model and detector), all validated."""
         if self.preset not in PRESETS:
             raise BenchError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         p: Preset = PRESETS[self.preset]
-        known = {"train", "run", *DATASETS.names(), *MODELS.names(), *ATTACKS.names(), *DEFENSES.names()}
+        known = {"train", "run", *DATASETS.names(), *MODELS.names(), *ATTACKS.names(), *DEFENSES.names(), *DETECTORS.names()}
         for comp in self.overrides:
             if comp not in known:
                 raise BenchError(f"--set names unknown component {comp!r}; known: {', '.join(sorted(known))}")
@@ -124,11 +132,15 @@ class GridSpec:
         fields = lambda name: {**p.fields.get(name, {})}  # noqa: E731
 
         def make(registry, name):
-            return build(registry.get(name), ov(name), **fields(name))
+            cls = registry.get(name)
+            base = getattr(cls, "settings_from", None)  # a detector that takes a defense's settings first
+            if base:
+                return build(cls, {**ov(base), **ov(name)}, **fields(base), **fields(name))
+            return build(cls, ov(name), **fields(name))
 
         # Every component is built once here, so a bad name or value fails before any work.
         for name in self.overrides:
-            for reg in (DATASETS, MODELS, ATTACKS, DEFENSES):
+            for reg in (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS):
                 if name in reg:
                     make(reg, name)
         tcfg = build(TrainConfig, ov("train"), **dataclasses.asdict(p.train))
@@ -137,6 +149,7 @@ class GridSpec:
         models = [make(MODELS, m) for m in (self.models or [p.model])]
         atks = [make(ATTACKS, a) for a in self.attacks]
         defs = [make(DEFENSES, d) for d in self.defenses]
+        dets = [make(DETECTORS, d) for d in self.detectors]
         for ds in datasets:
             for a in atks:
                 if getattr(a, "target", 0) >= ds.num_classes:
@@ -144,14 +157,19 @@ class GridSpec:
         for ds in datasets:  # settings that name parts of a model (NAD's layers) are checked on a built one
             for m in models:
                 net = m.build(ds.num_classes, ds.channels, ds.mean, ds.std)
-                for d in defs:
+                for d in [*defs, *dets]:
                     d.check(net)
         if not self.seeds:
             raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
-        return [
+        cells = [
             Cell(TrainJob(ds, m, a, tcfg, s), d, run)
             for ds in datasets for m in models for a in atks for s in self.seeds for d in defs
         ]
+        detect = [
+            DetectCell(TrainJob(ds, m, a, tcfg, s), d, run)
+            for ds in datasets for m in models for a in atks for s in self.seeds for d in dets
+        ]
+        return cells, detect
 
 
 # ---------------------------------------------------------------- phase 1: backdoored models
@@ -389,6 +407,7 @@ class RunDir:
         self.path = Path(path)
         self.cells = self.path / "cells"
         self.tensors = self.path / "tensors"  # tensors a defense returns (NC's reversed triggers), one file per cell
+        self.detect = self.path / "detect"  # one file per finished detection cell (bench.detect)
 
     def lock(self):
         """Hold an exclusive lock for the run; a second concurrent run on the same folder is refused."""
@@ -401,9 +420,9 @@ class RunDir:
             raise BenchError(f"another bench run is using {self.path}; wait for it or pass a different --out") from None
         return f
 
-    def finished(self) -> dict[str, dict]:
+    def finished(self, folder: Path | None = None) -> dict[str, dict]:
         done = {}
-        for p in sorted(self.cells.glob("*.json")):
+        for p in sorted((folder or self.cells).glob("*.json")):
             try:
                 rec = read_json(p)
             except (json.JSONDecodeError, OSError):
@@ -414,12 +433,30 @@ class RunDir:
     def write_cell(self, rec: dict) -> None:
         write_json(self.cells / f"{rec['cell']}.json", rec)
 
+    def write_detection(self, rec: dict) -> None:
+        write_json(self.detect / f"{rec['cell']}.json", rec)
+
     def write_records(self, order: Iterable[str] = ()) -> list[dict]:
-        """Regenerate records.jsonl from the cell files: this grid's cells first, in grid order."""
+        """Regenerate records.jsonl from the cell files: this grid's cells first, in grid order.
+
+        Detection cells go to detections.jsonl, and each model's detection results are also the
+        ``detection`` block ({detector: {label, score, label_correct}}) of its ``none`` record.
+        """
         done = self.finished()
+        dets = sorted(self.finished(self.detect).values(), key=lambda r: r["cell"])
+        by_model: dict[tuple, dict] = {}
+        for d in dets:
+            if d.get("status") == "ok":
+                by_model.setdefault((d["dataset"], d["model"], d["attack"], d["seed"]), {})[d["detector"]] = d["detection"]
+        for r in done.values():
+            block = by_model.get((r["dataset"], r["model"], r["attack"], r["seed"])) if r["defense"] == "none" else None
+            if block:
+                r["detection"] = block
         rank = {c: i for i, c in enumerate(order)}
         recs = sorted(done.values(), key=lambda r: (rank.get(r["cell"], len(rank)), r["cell"]))
         atomic_write_text(self.path / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+        if dets or (self.path / "detections.jsonl").exists():
+            atomic_write_text(self.path / "detections.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in dets))
         return recs
 
 
@@ -433,8 +470,9 @@ def run_grid(
     jobs: int = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    detect: list[DetectCell] = (),
 ) -> list[dict]:
-    """Run ``cells`` into ``out``; return this grid's records (finished earlier or now)."""
+    """Run ``cells`` (and the detection cells ``detect``) into ``out``; return this grid's removal records."""
     rd = RunDir(out)
     with rd.lock():
         order = [c.id for c in cells]
@@ -442,11 +480,15 @@ def run_grid(
         todo = [c for c in cells if not _is_done(finished.get(c.id), c)]
         if len(todo) < len(cells):
             log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already finished")
+        finished_det = rd.finished(rd.detect)
+        todo_det = [c for c in detect if not _detect_done(finished_det.get(c.id), c)]
+        if len(todo_det) < len(detect):
+            log(f"resuming: {len(detect) - len(todo_det)} of {len(detect)} detection cells already finished")
         # Load each dataset once up front: a missing one fails here, before any training, and the
         # decoded-tensor cache is warm before workers start.
-        for ds in {c.job.dataset for c in todo}:
+        for ds in {c.job.dataset for c in [*todo, *todo_det]}:
             ds.load(data_dir)
-        jobs_by_key = {c.job.key: c.job for c in todo}
+        jobs_by_key = {c.job.key: c.job for c in [*todo, *todo_det]}
         # Clean reference models first (the grid's own clean rows among them), so that attacks
         # that need one, run in parallel afterwards, all load it from the cache: trained once.
         refs = {r.key: r for r in (reference_job(j) for j in jobs_by_key.values() if j.attack.needs_clean_model)}
@@ -507,6 +549,29 @@ def run_grid(
                 m = rec["metrics"]
                 log(f"{rec['cell']}: CA {_pct(m['ca'])}  ASR {_pct(m['asr'])}  RA {_pct(m['ra'])}  "
                     f"(defense {rec['seconds']['defense']:.1f} s)")
+            else:
+                log(f"{rec['cell']}: FAILED {rec['error']}")
+        # Detection: after removal, on the same cached models.
+        ready_det = []
+        for c in todo_det:
+            if c.job.key in failed_jobs:
+                rec = _detect_base(c, preset)
+                rec["error"] = f"training the model failed: {failed_jobs[c.job.key]}"
+                rd.write_detection(rec)
+            else:
+                ready_det.append(c)
+        for rec in _parallel(safe_detect_cell, [(c, data_dir, device, preset) for c in ready_det], jobs, threads):
+            tensors = rec.pop("_tensors", None)
+            if tensors:
+                save_tensors(rd.tensors / f"{rec['cell']}.safetensors", tensors)
+                rec["info"]["tensors_file"] = f"tensors/{rec['cell']}.safetensors"
+            rd.write_detection(rec)
+            rd.write_records(order)
+            if rec["status"] == "ok":
+                d = rec["detection"]
+                log(f"{rec['cell']}: label {d['label']}  score {d['score']:.3g}  "
+                    f"(truth: {'target ' + str(rec['truth']['target']) if rec['truth']['backdoored'] else 'clean'}; "
+                    f"{rec['seconds']['detect']:.1f} s)")
             else:
                 log(f"{rec['cell']}: FAILED {rec['error']}")
         recs = rd.write_records(order)

@@ -20,6 +20,8 @@
   triggered examples from ``RUN_DIR/examples/``). A plot without data is skipped, and a
   stale copy of it from an earlier report is removed.
 - ``compare.md`` when some cells match a published reference table (``results/reference``).
+- ``detection.md``, ``detection.csv``, ``detection.tex`` and ``roc.png`` when the run has a
+  detection track (``--detect``; ``bench.report_detect``).
 
 Plots use matplotlib's object API on an Agg canvas: no pyplot, no global backend switch.
 """
@@ -843,6 +845,9 @@ def write_reports(run_dir: str | Path) -> dict[str, Path]:
             written[name] = out / name
         else:
             (out / name).unlink(missing_ok=True)  # no stale plot from an earlier report
+    from bench.report_detect import write_detection_reports
+
+    written.update(write_detection_reports(run_dir))  # the detection track, when the run has one
     compare = compare_markdown(records)
     if compare:
         atomic_write_text(out / "compare.md", compare)

@@ -46,7 +46,9 @@ unpruned model's held-out accuracy minus ``max_acc_drop``. If even t = 0 fails, 
 smallest sweep value) is used. The masks come from the shared ``defenses.masks`` module.
 
 ``info``: ``unlearn_epochs`` (epochs begun), ``unlearn_steps``, ``unlearn_acc`` (the last stop
-check's accuracy) and ``unlearn_history`` (every check), ``unlearn_reached``; ``recover_acc``
+check's accuracy) and ``unlearn_history`` (every check), ``unlearn_reached``, ``unlearn_predictions``
+(at every check, how many defense images the unlearned model assigns to each label) and
+``unlearn_label`` (the most assigned label at the stop: the paper's backdoor label); ``recover_acc``
 (training accuracy over the last recovering epoch, as the official log reports it);
 ``threshold``, ``select``, ``channels_pruned`` / ``channels_total``, ``mask_kind`` and
 ``masks`` ({layer: [mask per channel]}, rounded to 5 decimals); with select=auto also
@@ -81,7 +83,7 @@ from torch import nn
 from bench.config import param
 from bench.data import ImageSet, augment
 from bench.registry import BenchError
-from bench.train import accuracy, autocast, to_input
+from bench.train import autocast, predict, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune
 from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdout
@@ -177,9 +179,11 @@ class RNP(Defense):
         opt = torch.optim.SGD(model.parameters(), lr=self.unlearn_lr, momentum=self.momentum, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(self.unlearn_milestones), gamma=0.1)
         history: list[float] = []
+        hists: list[list[int]] = []  # per check: how many defense images the model assigned to each label
+        k = ctx.num_classes
         steps, epoch, reached = 0, 0, False
         for epoch in range(1, self.unlearn_epochs + 1):
-            correct = 0
+            correct, counts = 0, torch.zeros(k, dtype=torch.long)
             for x, y in self.epoch(data, ctx, gen):
                 with autocast(ctx.device, ctx.bf16):
                     out = model(x)
@@ -188,19 +192,25 @@ class RNP(Defense):
                 (-loss).backward()
                 opt.step()
                 steps += 1
-                correct += int((out.argmax(1) == y).sum())
+                pred = out.detach().argmax(1)
+                correct += int((pred == y).sum())
+                counts += torch.bincount(pred.cpu(), minlength=k)[:k]
                 if self.stop_check == "step":
-                    history.append(accuracy(model, data, device=ctx.device, bf16=ctx.bf16))
+                    pred = predict(model, data.x, device=ctx.device, bf16=ctx.bf16)
+                    history.append((pred == data.y.cpu()).float().mean().item())
+                    hists.append(torch.bincount(pred, minlength=k)[:k].tolist())
                     if history[-1] <= self.clean_threshold:
                         reached = True
                         break
             sched.step()
-            if self.stop_check == "epoch":
+            if self.stop_check == "epoch":  # the official rule: the epoch's running training predictions
                 history.append(correct / len(data))
+                hists.append(counts.tolist())
                 reached = history[-1] <= self.clean_threshold
             if reached:
                 break
-        return {"epochs": epoch, "steps": steps, "acc": history[-1], "reached": reached, "history": history}
+        return {"epochs": epoch, "steps": steps, "acc": history[-1], "reached": reached, "history": history,
+                "predictions": hists}
 
     def recover(self, model: nn.Module, data: ImageSet, ctx: DefenseContext, gen: torch.Generator) -> tuple[MaskSet, float | None]:
         """Train masks on ``model`` (attached in place, other weights frozen); returns them and the last epoch's accuracy."""
@@ -233,15 +243,26 @@ class RNP(Defense):
         return out.eval(), n
 
     # ------------------------------------------------------------ the defense
-    def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
+    def unlearned(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext
+                  ) -> tuple[nn.Module, dict, ImageSet, ImageSet | None, torch.Generator]:
+        """Stage 1 exactly as the defense runs it, for the defense and for RNP's detectors.
+
+        Returns the unlearned copy of ``model`` (``model`` itself is untouched), ``unlearn``'s
+        facts (with ``predictions``: the label histogram of the defense data at every stop check),
+        the training share of the defense data, the held-out share (select=auto, else None) and
+        the generator, positioned where recovering goes on with it.
+        """
         gen = torch.Generator().manual_seed(ctx.seed)
-        model = model.to(ctx.device)
         data, held = clean.to(ctx.device), None
         if self.select == "auto":
             data, held = split_holdout(data, self.holdout, gen, "rnp")
+        work = copy.deepcopy(model.to(ctx.device))
+        return work, self.unlearn(work, data, ctx, gen), data, held, gen
 
-        work = copy.deepcopy(model)  # the model passed in stays untouched: pruning starts from it
-        un = self.unlearn(work, data, ctx, gen)
+    def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        model = model.to(ctx.device)
+        # The model passed in stays untouched: pruning starts from it.
+        work, un, data, held, gen = self.unlearned(model, clean, ctx)
         mask_set, recover_acc = self.recover(work, data, ctx, gen)
         masks, mask_kind = mask_set.values(), mask_set.kind
         del work, mask_set
@@ -263,7 +284,8 @@ class RNP(Defense):
         info.update(
             select=self.select, threshold=threshold, stop_check=self.stop_check,
             unlearn_epochs=un["epochs"], unlearn_steps=un["steps"], unlearn_acc=un["acc"], unlearn_reached=un["reached"],
-            unlearn_history=[round(a, 4) for a in un["history"]], recover_acc=recover_acc,
+            unlearn_history=[round(a, 4) for a in un["history"]], unlearn_predictions=un["predictions"],
+            unlearn_label=int(np.argmax(un["predictions"][-1])), recover_acc=recover_acc,
             channels_pruned=n_pruned, channels_total=sum(len(m) for m in masks.values()),
             mask_kind=mask_kind,
             masks={name: [round(float(v), 5) for v in m] for name, m in masks.items()},

@@ -1,0 +1,212 @@
+"""The detection track's tables and plots, regenerated from ``RUN_DIR/detections.jsonl``.
+
+``write_detection_reports(run_dir)`` writes into ``RUN_DIR/report/`` (nothing when the run has
+no detection cells, and stale copies are removed):
+
+- ``detection.md``, ``detection.csv``, ``detection.tex``, per (dataset, model):
+  - a summary row per model-level detector: label accuracy (the suspected label is the
+    all-to-one target, over the backdoored models with one; "n/m" beside it), AUROC of the
+    score over backdoored models against the ``clean`` attack's models ("-" without both
+    kinds), the number of each, and the median detection seconds;
+  - a row per attack: per detector, how many seeds got the label right ("2/3"; "-" where no
+    target is defined: the clean model, all-to-all attacks) and the mean score.
+- ``roc.png``: per (dataset, model), each model-level detector's ROC curve over its models.
+
+The CSV is the tidy long form: one row per detection cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+from bench.detect import auroc, roc_points
+from bench.store import atomic_write_text
+
+DETECTION_FILES = ("detection.md", "detection.csv", "detection.tex", "roc.png")
+CSV_COLUMNS = ["dataset", "model", "attack", "detector", "seed", "status", "backdoored", "target", "model_asr", "label",
+               "label_correct", "score", "seconds"]
+
+
+def load_detections(run_dir: str | Path) -> list[dict]:
+    """The detection records of a run (``detections.jsonl``; [] when there is none)."""
+    path = Path(run_dir) / "detections.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _ordered(xs) -> list:
+    return list(dict.fromkeys(xs))
+
+
+def summary(dets: list[dict]) -> list[dict]:
+    """One row per (dataset, model, detector): label accuracy, AUROC, counts, median seconds."""
+    rows = []
+    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+        group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model)]
+        for name in _ordered(d["detector"] for d in group):
+            ok = [d for d in group if d["detector"] == name and d["status"] == "ok"]
+            neg = [d["detection"]["score"] for d in ok if not d["truth"]["backdoored"]]
+            row = {"dataset": ds, "model": model, "detector": name}
+            for suffix, keep in (("", lambda d: True), ("_implanted", implanted)):
+                bd = [d for d in ok if d["truth"]["backdoored"] and keep(d)]
+                graded = [d["detection"]["label_correct"] for d in bd if d["detection"]["label_correct"] is not None]
+                row[f"label_acc{suffix}"] = sum(graded) / len(graded) if graded else None
+                row[f"label_n{suffix}"] = f"{sum(graded)}/{len(graded)}"
+                row[f"auroc{suffix}"] = auroc([d["detection"]["score"] for d in bd], neg)
+                row[f"n_backdoored{suffix}"] = len(bd)
+            secs = [d["seconds"]["detect"] for d in ok]
+            rows.append({
+                **row, "n_clean": len(neg),
+                "failed": sum(1 for d in group if d["detector"] == name and d["status"] != "ok"),
+                "median_s": statistics.median(secs) if secs else None,
+            })
+    return rows
+
+
+IMPLANTED = 0.2  # a backdoored model counts as implanted when its own ASR is above 20 % (report.REMOVED)
+
+
+def implanted(d: dict) -> bool:
+    asr = d["truth"].get("asr")
+    return asr is not None and asr > IMPLANTED
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _per_attack(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
+    group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model)]
+    names = _ordered(d["detector"] for d in group)
+    rows = []
+    for atk in _ordered(d["attack"] for d in group):
+        texts = []
+        for name in names:
+            ok = [d for d in group if d["attack"] == atk and d["detector"] == name and d["status"] == "ok"]
+            if not ok:
+                texts += ["failed" if any(d["attack"] == atk and d["detector"] == name for d in group) else "-", "-"]
+                continue
+            graded = [d["detection"]["label_correct"] for d in ok if d["detection"]["label_correct"] is not None]
+            texts.append(f"{sum(graded)}/{len(graded)}" if graded else "-")
+            texts.append(f"{statistics.mean(d['detection']['score'] for d in ok):.3g}")
+        asrs = [d["truth"].get("asr") for d in group if d["attack"] == atk and d["truth"].get("asr") is not None]
+        rows.append((atk, _pct(statistics.mean(asrs)) if asrs else "-", texts))
+    return names, rows
+
+
+def detection_markdown(dets: list[dict]) -> str:
+    parts = []
+    rows = summary(dets)
+    for ds, model in _ordered((r["dataset"], r["model"]) for r in rows):
+        parts.append(f"### Detection: {ds} / {model}\n")
+        parts.append("| detector | label accuracy | AUROC | backdoored / clean models | label accuracy, implanted "
+                     "| AUROC, implanted | implanted models | median s |")
+        parts.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in (r for r in rows if (r["dataset"], r["model"]) == (ds, model)):
+            fail = f" ({r['failed']} failed)" if r["failed"] else ""
+            parts.append(f"| {r['detector']}{fail} | {_pct(r['label_acc'])} ({r['label_n']}) | {_num(r['auroc'])} | "
+                         f"{r['n_backdoored']} / {r['n_clean']} | {_pct(r['label_acc_implanted'])} "
+                         f"({r['label_n_implanted']}) | {_num(r['auroc_implanted'])} | {r['n_backdoored_implanted']} | "
+                         f"{_num(r['median_s'], '.1f')} |")
+        names, per = _per_attack(dets, ds, model)
+        parts.append("")
+        parts.append("| attack | model's ASR | " + " | ".join(f"{n} label | {n} score" for n in names) + " |")
+        parts.append("|---|---:|" + "---:|---:|" * len(names))
+        for atk, asr, texts in per:
+            parts.append(f"| {atk} | {asr} | " + " | ".join(texts) + " |")
+        parts.append("")
+        parts.append("Label: seeds whose suspected label is the attack's all-to-one target (- where none is defined: "
+                     "the clean model, all-to-all attacks). Score: larger = more likely backdoored, mean over seeds. "
+                     "AUROC: the score over backdoored models against the clean models of the same recipe. "
+                     "Implanted: backdoored models whose own ASR is above 20 % (an attack that did not implant "
+                     "leaves nothing to detect). Model's ASR: mean over seeds, in %.\n")
+    return "\n".join(parts)
+
+
+def detection_csv(dets: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for d in dets:
+        det = d.get("detection") or {}
+        w.writerow({"dataset": d["dataset"], "model": d["model"], "attack": d["attack"], "detector": d["detector"],
+                    "seed": d["seed"], "status": d["status"], "backdoored": d["truth"]["backdoored"],
+                    "target": "" if d["truth"]["target"] is None else d["truth"]["target"],
+                    "model_asr": "" if d["truth"].get("asr") is None else round(100 * d["truth"]["asr"], 2),
+                    "label": "" if det.get("label") is None else det["label"],
+                    "label_correct": "" if det.get("label_correct") is None else det["label_correct"],
+                    "score": "" if det.get("score") is None else round(det["score"], 6),
+                    "seconds": "" if d["seconds"].get("detect") is None else round(d["seconds"]["detect"], 2)})
+    return buf.getvalue()
+
+
+def detection_latex(dets: list[dict]) -> str:
+    from bench.report import tex_escape
+
+    lines = []
+    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+        lines += [f"% Detection: {ds} / {model}", r"\begin{tabular}{lcccccc}", r"\toprule",
+                  r"Detector & Label acc. (\%) & AUROC & Backdoored / clean & Label acc., implanted & AUROC, implanted "
+                  r"& Median s \\", r"\midrule"]
+        for r in (r for r in summary(dets) if (r["dataset"], r["model"]) == (ds, model)):
+            lines.append(f"{tex_escape(r['detector'])} & {_pct(r['label_acc'])} ({r['label_n']}) & {_num(r['auroc'])} & "
+                         f"{r['n_backdoored']} / {r['n_clean']} & {_pct(r['label_acc_implanted'])} "
+                         f"({r['label_n_implanted']}) & {_num(r['auroc_implanted'])} & {_num(r['median_s'], '.1f')} \\\\")
+        lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def plot_roc(dets: list[dict], path: Path) -> Path | None:
+    """ROC curves of model-level detectors; None when no (dataset, model) has both kinds of model."""
+    from bench.report import _figure, _save, _style
+
+    panels = []
+    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+        curves = []
+        ok = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d["status"] == "ok"]
+        for i, name in enumerate(_ordered(d["detector"] for d in ok)):
+            pos = [d["detection"]["score"] for d in ok if d["detector"] == name and d["truth"]["backdoored"]]
+            neg = [d["detection"]["score"] for d in ok if d["detector"] == name and not d["truth"]["backdoored"]]
+            if pos and neg:
+                curves.append((i, name, *roc_points(pos, neg), auroc(pos, neg)))
+        if curves:
+            panels.append((f"{ds} / {model}", curves))
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), 3, 3.6, 3.4)
+    for ax, (title, curves) in zip(axes, panels):
+        for i, name, fpr, tpr, area in curves:
+            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{name} (AUROC {area:.2f})", **_style(i))
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+        ax.set(title=title, xlabel="false positive rate (clean models)", ylabel="true positive rate (backdoored)",
+               xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def write_detection_reports(run_dir: str | Path) -> dict[str, Path]:
+    """Write the detection files into ``RUN_DIR/report/``; {} (and no stale files) without detections."""
+    out = Path(run_dir) / "report"
+    dets = load_detections(run_dir)
+    written: dict[str, Path] = {}
+    if dets:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("detection.md", detection_markdown(dets)), ("detection.csv", detection_csv(dets)),
+                           ("detection.tex", detection_latex(dets))):
+            atomic_write_text(out / name, text)
+            written[name] = out / name
+        if plot_roc(dets, out / "roc.png") is not None:
+            written["roc.png"] = out / "roc.png"
+    for name in DETECTION_FILES:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
+    return written

@@ -1,0 +1,272 @@
+"""The detection track: the DETECTORS registry, its detectors, and the harness that scores them.
+
+Tiny and fast: the contract tests run every registered detector on a briefly trained smallcnn;
+the planted tests use test_nc's prototype classes (where Neural Cleanse's assumptions hold) with
+a BadNets patch whose target is 3, and a clean model of the same recipe as the negative case.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from attacks import ATTACKS
+from bench.detect import DetectCell, auroc, roc_points, truth
+from bench.grid import GridSpec, run_grid
+from bench.metrics import evaluate
+from bench.models import MODELS
+from bench.registry import BenchError
+from bench.train import TrainConfig, train
+from defenses import DefenseContext
+from detectors import DETECTORS, Detection, Detector
+from detectors.rnp_label import histogram_facts
+from test_nc import FAST, K, NO_AUG, TARGET, prototypes
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
+
+# Settings that make each detector quick on 64 images (the defaults run for minutes on real data).
+QUICK = {"rnp_label": {"unlearn_lr": 0.05}, "nc_label": {**FAST, "unlearn_epochs": 0}}
+
+
+def ctx(seed: int = 0) -> DefenseContext:
+    return DefenseContext(num_classes=K, augmentation=NO_AUG, seed=seed, bf16=False)
+
+
+def make(name: str, **kw) -> Detector:
+    return DETECTORS.get(name)(**{**QUICK.get(name, {}), **kw})
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    """A BadNets model (target 3, 20 % poisoned) and a clean model, same data, recipe and seed."""
+    train_set = prototypes(600, seed=1)
+    atk = ATTACKS.get("badnets")(target=TARGET, poison_rate=0.2)
+    atk.prepare(K, 3, 32, train_set, 0)
+    out = {}
+    for name, data in (("backdoored", atk.poison(train_set, 0).data), ("clean", train_set)):
+        m = MODELS.get("smallcnn")(width=8).build(K, 3, (0.5,) * 3, (0.29,) * 3, seed=0)
+        train(m, data, TrainConfig(epochs=8, batch_size=50, lr=0.1, bf16=False), NO_AUG, seed=0)
+        out[name] = m.eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean_data():
+    return prototypes(64, seed=3)
+
+
+# ---------------------------------------------------------------- the registry's contract
+
+
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_every_detector_answers_in_range_deterministically_and_leaves_the_model_alone(name, models, clean_data):
+    cls = DETECTORS.get(name)
+    assert cls.description and cls.paper and cls.level in ("model",)
+    model = models["backdoored"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = make(name)(model, clean_data, ctx())
+    b = make(name)(model, clean_data, ctx())
+    assert isinstance(a, Detection)
+    assert a.label is None or 0 <= a.label < K
+    assert isinstance(a.score, float) and a.score == a.score  # a number, not NaN
+    json.dumps(a.info)  # goes into the record as it is
+    assert (a.label, a.score) == (b.label, b.score), "same seed, same answer"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model passed in is untouched"
+
+
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_every_detector_is_listed_with_fields_and_takes_settings(name):
+    from bench.config import describe
+
+    assert describe(DETECTORS.get(name)), "bench list detectors --fields has something to print"
+    with pytest.raises(BenchError, match="nosuch"):
+        GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=[name],
+                 overrides={name: {"nosuch": "1"}}).resolve_all()
+
+
+def test_registry_refuses_duplicates_and_lists_names_on_a_miss():
+    with pytest.raises(BenchError, match="already registered"):
+        DETECTORS.register("rnp_label")(type("X", (), {}))
+    with pytest.raises(BenchError, match="known: nc_label, rnp_label"):
+        DETECTORS.get("nosuch")
+
+
+# ---------------------------------------------------------------- on a planted backdoor
+
+
+def test_rnp_label_finds_the_target_and_scores_the_backdoored_model_above_the_clean_one(models, clean_data):
+    det = make("rnp_label")
+    bd = det(models["backdoored"], clean_data, ctx())
+    cl = det(models["clean"], clean_data, ctx())
+    assert bd.label == TARGET
+    # Measured here: the backdoored model falls to 0.2 accuracy within 10 steps, 61 of 64 images
+    # then go to the target; the clean one is still accurate after the 20 steps allowed (its
+    # histogram stays near uniform, 0.11), and forced on to 40 steps it spreads over 3 labels (0.59).
+    assert bd.info["unlearn_reached"] and bd.info["unlearn_steps"] < cl.info["unlearn_steps"]
+    assert bd.score > 0.8 > cl.score, (bd.score, cl.score)
+    hist = bd.info["predictions"][-1]
+    assert sum(hist) == len(clean_data) and hist[TARGET] == max(hist)
+    assert bd.score == pytest.approx(hist[TARGET] / len(clean_data))
+
+
+def test_nc_label_names_the_smallest_trigger_and_its_anomaly_index(models, clean_data):
+    det = make("nc_label")
+    bd = det(models["backdoored"], clean_data, ctx())
+    norms = torch.tensor(bd.info["norms"])
+    assert bd.label == int(norms.argmin()) == TARGET and bd.info["flagged"]
+    assert bd.score > 2  # the official outlier rule calls it backdoored
+    assert set(bd.tensors) >= {"masks", "patterns", "norms"}
+
+
+def test_the_rnp_defense_reports_the_same_unlearned_label(models, clean_data):
+    """rnp_label reuses the defense's own unlearning: same settings, same histogram."""
+    from defenses.rnp import RNP
+
+    info = RNP(unlearn_lr=0.05, recover_epochs=1)(copy.deepcopy(models["backdoored"]), clean_data, ctx()).info
+    det = make("rnp_label")(models["backdoored"], clean_data, ctx())
+    assert info["unlearn_predictions"] == det.info["predictions"] and info["unlearn_label"] == det.label
+
+
+def test_histogram_facts():
+    f = histogram_facts([0, 6, 2, 0])
+    assert f["label"] == 1 and f["top_share"] == 0.75
+    assert histogram_facts([5, 5, 5, 5])["entropy"] == pytest.approx(1.0)
+    assert histogram_facts([0, 9, 0, 0])["entropy"] == 0.0
+
+
+def test_auroc_and_roc_points():
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auroc([0.1], [0.9]) == 0.0
+    assert auroc([0.5, 0.9], [0.5]) == 0.75  # a tie counts half
+    assert auroc([0.5], []) is None
+    fpr, tpr = roc_points([0.9, 0.8], [0.85])
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert tpr[1] == 0.5 and fpr[1] == 0.0  # the top score is a backdoored model
+
+
+def test_truth_is_defined_only_where_it_exists():
+    assert truth(ATTACKS.get("badnets")(target=4)) == {"backdoored": True, "target": 4}
+    assert truth(ATTACKS.get("badnets")(label_mode="all2all")) == {"backdoored": True, "target": None}
+    assert truth(ATTACKS.get("clean")()) == {"backdoored": False, "target": None}
+
+
+# ---------------------------------------------------------------- the harness
+
+TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
+        "run": {"defense_data": "40"}}
+SEEN: list = []
+
+
+@dataclasses.dataclass(frozen=True)
+class SpyDetector(Detector):
+    name = "spy_detector"
+    description = "test-only: records what a detector receives, names label 1"
+    paper = "-"
+
+    def __call__(self, *args, **kwargs):
+        SEEN.append((args, kwargs))
+        model, clean, c = args
+        return Detection(label=1, score=float(len(SEEN)), info={"n": len(clean)})
+
+
+def grid(tmp_path, detectors, attacks=("clean", "badnets"), **kw):
+    spec = GridSpec(attacks=list(attacks), defenses=["none"], preset="demo", overrides={**TINY, "badnets": {"target": "1"}},
+                    detectors=[])
+    cells, _ = spec.resolve_all()
+    det = [DetectCell(c.job, d, c.run) for c in cells for d in detectors]
+    return cells, det
+
+
+def test_the_harness_hands_a_detector_nothing_about_the_attack_and_scores_with_the_truth(tmp_path):
+    """Fails if a detector is handed the target, the poison indices, the trigger or test data."""
+    from bench.data import DATASETS
+    from bench.grid import load_backdoored
+
+    SEEN.clear()
+    cells, det = grid(tmp_path, [SpyDetector()])
+    recs = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda s: None, detect=det)
+    assert all(r["status"] == "ok" for r in recs) and len(SEEN) == 2
+    train_set, test_set = DATASETS.get("synthetic")(n_train=300, n_test=100).load()
+    for (args, kwargs), cell in zip(SEEN, [c for c in cells if c.job.attack.name in ("clean", "badnets")]):
+        assert not kwargs and len(args) == 3
+        model, clean, c = args
+        assert isinstance(model, nn.Module) and isinstance(c, DefenseContext)
+        assert set(vars(c)) == {"num_classes", "augmentation", "seed", "device", "bf16", "progress"}
+        assert len(clean) == 40
+    model, _, poison_idx, triggered = load_backdoored(cells[1].job, "cpu")
+    bd_asr = evaluate(model, test_set, triggered, bf16=cells[1].job.train.bf16)["asr"]  # the model's ASR, for the record
+    assert len(poison_idx) > 0
+    rows = lambda t: {bytes(r.numpy().tobytes()) for r in t.flatten(1)}  # noqa: E731
+    seen_bd = rows(SEEN[1][0][1].x)
+    clean_train = torch.ones(len(train_set), dtype=torch.bool)
+    clean_train[poison_idx] = False
+    assert seen_bd <= rows(train_set.x[clean_train]) and not seen_bd & rows(triggered.x)
+    # Scored against the truth afterwards: the spy names label 1, the BadNets target here is 1.
+    dets = [json.loads(line) for line in (tmp_path / "run" / "detections.jsonl").read_text().splitlines()]
+    by_attack = {d["attack"]: d for d in dets}
+    assert by_attack["badnets"]["truth"] == {"backdoored": True, "target": 1, "asr": pytest.approx(bd_asr)}
+    assert by_attack["badnets"]["detection"]["label_correct"] is True
+    assert by_attack["clean"]["truth"] == {"backdoored": False, "target": None, "asr": None}
+    assert by_attack["clean"]["detection"]["label_correct"] is None
+
+
+def test_detection_resumes_and_is_added_to_a_run_made_without_it(tmp_path):
+    SEEN.clear()
+    cells, det = grid(tmp_path, [SpyDetector()])
+    out = tmp_path / "run"
+    run_grid(cells, out, preset="demo", progress=False, log=lambda s: None)  # removal only
+    assert not SEEN and not (out / "detections.jsonl").exists()
+    logs: list[str] = []
+    run_grid(cells, out, preset="demo", progress=False, log=logs.append, detect=det)
+    assert len(SEEN) == 2 and any("2 of 2 cells already finished" in m for m in logs), "only the missing part ran"
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    none_recs = {r["attack"]: r for r in recs if r["defense"] == "none"}
+    assert none_recs["badnets"]["detection"]["spy_detector"]["label_correct"] is True
+    assert none_recs["clean"]["detection"]["spy_detector"]["label_correct"] is None
+    run_grid(cells, out, preset="demo", progress=False, log=lambda s: None, detect=det)
+    assert len(SEEN) == 2, "a finished detection cell is not run again"
+
+
+def test_the_report_writes_the_detection_table_and_roc(tmp_path):
+    from bench.report import write_reports
+
+    cells, det = grid(tmp_path, [SpyDetector()])
+    out = tmp_path / "run"
+    run_grid(cells, out, preset="demo", progress=False, log=lambda s: None, detect=det)
+    paths = write_reports(out)
+    assert {"detection.md", "detection.csv", "detection.tex", "roc.png"} <= set(paths)
+    md = paths["detection.md"].read_text()
+    assert "| spy_detector | 100.0 (1/1) |" in md  # label right on the one backdoored model
+    rows = paths["detection.csv"].read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("dataset,model,attack,detector")
+    (out / "detections.jsonl").unlink()
+    assert "detection.md" not in write_reports(out) and not (out / "report" / "detection.md").exists()
+
+
+def test_cli_detect_refuses_unknown_names_on_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--preset", "demo", "--detect", "nosuch",
+                                    "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    line = res.output.strip()
+    assert "\n" not in line and "nosuch" in line and "rnp_label" in line and "nc_label" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_detectors_take_the_defense_settings_first(tmp_path):
+    spec = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=["rnp_label"],
+                    overrides={"rnp": {"unlearn_lr": "0.03"}})
+    _, det = spec.resolve_all()
+    d = det[0].detector
+    assert d.clean_threshold == 0.3 and d.select == "auto", "the demo preset's rnp fields"
+    assert d.unlearn_lr == 0.03, "--set rnp.* reaches the detector"
+    spec.overrides["rnp_label"] = {"unlearn_lr": "0.07"}
+    assert spec.resolve_all()[1][0].detector.unlearn_lr == 0.07, "its own --set wins"
