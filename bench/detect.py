@@ -9,7 +9,13 @@ after the detector has returned:
 
 - model level: ``label`` (the suspected target, or None), ``score`` (larger = more likely
   backdoored) and ``label_correct`` (the label is the all-to-one target; None where no target
-  is defined: the clean model and all-to-all attacks). The record's ``truth`` also carries the
+  is defined: the clean model and all-to-all attacks).
+- sample and input level: the detector scores inputs (``detection_inputs``: the poisoned
+  training set, or a test-time mix for attacks that store no poisoned image and for input-level
+  detectors); the harness records ``auroc``, ``tpr_at_5fpr`` (the true positive rate where 5 %
+  of the clean inputs are flagged) and ``precision_at_k`` (k = the true poison count), with
+  ``source`` saying which inputs were scored. Where there is nothing to find (the clean model) the
+  cell's status is "not applicable", not "failed". The record's ``truth`` also carries the
   model's own ASR, so that tables can tell a backdoor that did not implant (ASR <= 20 %) from a
   detector's miss.
 
@@ -79,27 +85,107 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
     ds = job.dataset
     rec = base_detect_record(cell, preset)
     rec["truth"]["asr"] = read_json(model_dir(job) / "meta.json")["metrics"]["asr"]  # did the backdoor implant?
-    train_set, _ = ds.load(data_dir)
-    model, _, poison_idx, _ = load_backdoored(job, device)
+    train_set, test_set = ds.load(data_dir)
+    model, attack, poison_idx, _ = load_backdoored(job, device)
     # The same clean subset a defense of this model gets; the poison indices only keep it clean.
     clean = defense_subset(train_set, cell.run.defense_data, seed=job.seed, exclude=poison_idx)
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
                          device=torch.device(device), bf16=job.train.bf16)
-    t0 = time.perf_counter()
-    det = cell.detector(copy.deepcopy(model), clean, ctx)
-    rec["seconds"]["detect"] = time.perf_counter() - t0
-    # Scored here, after the detector returned, against the truth it never saw.
-    target = rec["truth"]["target"]
-    rec["detection"] = {
-        "label": det.label,
-        "score": float(det.score),
-        "label_correct": None if target is None else det.label == target,
-    }
+    level = cell.detector.level
+    if level == "model":
+        t0 = time.perf_counter()
+        det = cell.detector(copy.deepcopy(model), clean, ctx)
+        rec["seconds"]["detect"] = time.perf_counter() - t0
+        # Scored here, after the detector returned, against the truth it never saw.
+        target = rec["truth"]["target"]
+        rec["detection"] = {
+            "label": det.label,
+            "score": float(det.score),
+            "label_correct": None if target is None else det.label == target,
+        }
+    else:
+        inputs, poisoned, source = detection_inputs(attack, level, train_set, test_set, poison_idx, job.seed)
+        if inputs is None:  # nothing to find here: recorded as such, not as a failure
+            rec.update(status=NOT_APPLICABLE, info={"reason": source, "defense_images": len(clean)})
+            return rec
+        t0 = time.perf_counter()
+        det = cell.detector(copy.deepcopy(model), clean, ctx, inputs)
+        rec["seconds"]["detect"] = time.perf_counter() - t0
+        scores = det.scores.detach().double().cpu()
+        if scores.shape != (len(inputs),):
+            raise ValueError(f"{cell.detector.name} returned {tuple(scores.shape)} scores for {len(inputs)} inputs")
+        pos, neg = scores[poisoned].tolist(), scores[~poisoned].tolist()
+        rec["detection"] = {
+            "source": source, "inputs": len(inputs), "poisoned": int(poisoned.sum()),
+            "auroc": auroc(pos, neg), "tpr_at_5fpr": tpr_at_fpr(pos, neg, 0.05),
+            "precision_at_k": precision_at_k(scores, poisoned),
+        }
     rec["info"] = {**det.info, "defense_images": len(clean)}
     if det.tensors:
         rec["_tensors"] = {k: v.detach().cpu() for k, v in det.tensors.items()}
     rec["status"] = "ok"
     return rec
+
+
+NOT_APPLICABLE = "not applicable"  # a cell with nothing to detect (the clean model at sample level): done, not failed
+MIX_IMAGES = 500  # the test-time mix: up to this many triggered and this many clean test images
+
+
+def detection_inputs(attack, level: str, train, test, poison_idx: torch.Tensor, seed: int):
+    """(inputs to score, bool truth per input, where they come from) for a sample- or input-level detector.
+
+    - The clean model: nothing poisoned, nothing triggered: (None, None, reason).
+    - Sample level, an attack that poisons stored training images: the poisoned training set as the
+      model was trained on it (images and labels), rebuilt by the cached attack with the run seed
+      and checked against the cached poison indices; the truth is those indices (Adaptive-Blend's
+      cover images, which carry the trigger with their true label, count as clean).
+    - Otherwise (input level, or an attack that poisons batches on the fly: WaNet, IAD, BPP): the
+      test-time mix, up to MIX_IMAGES triggered test images labelled with the attack's label and as
+      many clean test images of other labels with their own; the truth is which are triggered.
+    """
+    if not attack.has_trigger:
+        return None, None, "the clean model: no poisoned image, no trigger"
+    if level == "sample" and len(poison_idx):
+        from bench.registry import BenchError
+
+        try:
+            rebuilt = attack.poison(train, seed)
+        except BenchError as exc:  # e.g. LC's perturbed images live only in the training process
+            return None, None, f"the poisoned training set cannot be rebuilt from the cache ({exc})"
+        if not torch.equal(rebuilt.poison_idx.sort().values, poison_idx.sort().values):
+            return None, None, "the rebuilt poisoned training set does not match the cached poison indices"
+        truth_mask = torch.zeros(len(rebuilt.data), dtype=torch.bool)
+        truth_mask[poison_idx] = True
+        return rebuilt.data, truth_mask, "training set"
+    trig = attack.test_set(test)
+    gen = torch.Generator().manual_seed(seed)
+    it = torch.randperm(len(trig), generator=gen)[:MIX_IMAGES]
+    others = (test.y != attack.target).nonzero().flatten() if attack.label_mode == "all2one" else torch.arange(len(test))
+    ic = others[torch.randperm(len(others), generator=gen)[:len(it)]]
+    from bench.data import ImageSet
+
+    inputs = ImageSet(torch.cat([test.x[ic], trig.x[it]]), torch.cat([test.y[ic], trig.y_target[it]]))
+    truth_mask = torch.cat([torch.zeros(len(ic), dtype=torch.bool), torch.ones(len(it), dtype=torch.bool)])
+    return inputs, truth_mask, "test-time mix"
+
+
+def tpr_at_fpr(positives: Sequence[float], negatives: Sequence[float], fpr: float) -> float | None:
+    """True positive rate at the threshold that flags at most ``fpr`` of the negatives."""
+    if not positives or not negatives:
+        return None
+    neg = torch.tensor(sorted(negatives, reverse=True), dtype=torch.float64)
+    allowed = int(fpr * len(neg))  # negatives that may score at or above the threshold
+    thr = neg[allowed] if allowed < len(neg) else neg[-1] - 1
+    return float((torch.tensor(positives, dtype=torch.float64) > thr).double().mean())
+
+
+def precision_at_k(scores: torch.Tensor, truth_mask: torch.Tensor) -> float | None:
+    """Of the k top-scored inputs, k = the true number of poisoned ones, the fraction that are poisoned."""
+    k = int(truth_mask.sum())
+    if k == 0:
+        return None
+    top = torch.topk(scores.double(), k).indices
+    return float(truth_mask[top].double().mean())
 
 
 def safe_detect_cell(cell: DetectCell, data_dir, device, preset) -> dict:
@@ -115,7 +201,7 @@ def safe_detect_cell(cell: DetectCell, data_dir, device, preset) -> dict:
 
 def is_done(rec: dict | None, cell: DetectCell) -> bool:
     """Finished if ok and made with the same model, detector config and run config."""
-    if rec is None or rec.get("status") != "ok":
+    if rec is None or rec.get("status") not in ("ok", NOT_APPLICABLE):
         return False
     cfg = rec.get("config", {})
     want = json.loads(json.dumps({"detector": {"name": cell.detector.name, **cell.detector.to_dict()},

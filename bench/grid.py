@@ -567,11 +567,17 @@ def run_grid(
                 rec["info"]["tensors_file"] = f"tensors/{rec['cell']}.safetensors"
             rd.write_detection(rec)
             rd.write_records(order)
-            if rec["status"] == "ok":
+            if rec["status"] == "ok" and rec["level"] == "model":
                 d = rec["detection"]
                 log(f"{rec['cell']}: label {d['label']}  score {d['score']:.3g}  "
                     f"(truth: {'target ' + str(rec['truth']['target']) if rec['truth']['backdoored'] else 'clean'}; "
                     f"{rec['seconds']['detect']:.1f} s)")
+            elif rec["status"] == "ok":
+                d = rec["detection"]
+                log(f"{rec['cell']}: AUROC {d['auroc']:.3f}  TPR@5%FPR {d['tpr_at_5fpr']:.3f}  P@k {d['precision_at_k']:.3f}  "
+                    f"({d['poisoned']} of {d['inputs']} {d['source']} inputs poisoned; {rec['seconds']['detect']:.1f} s)")
+            elif rec["status"] == "not applicable":
+                log(f"{rec['cell']}: not applicable ({rec['info']['reason']})")
             else:
                 log(f"{rec['cell']}: FAILED {rec['error']}")
         recs = rd.write_records(order)

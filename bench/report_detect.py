@@ -27,8 +27,9 @@ from bench.detect import auroc, roc_points
 from bench.store import atomic_write_text
 
 DETECTION_FILES = ("detection.md", "detection.csv", "detection.tex", "roc.png")
-CSV_COLUMNS = ["dataset", "model", "attack", "detector", "seed", "status", "backdoored", "target", "model_asr", "label",
-               "label_correct", "score", "seconds"]
+CSV_COLUMNS = ["dataset", "model", "attack", "detector", "level", "seed", "status", "backdoored", "target", "model_asr",
+               "label", "label_correct", "score", "source", "inputs", "poisoned", "auroc", "tpr_at_5fpr", "precision_at_k",
+               "seconds"]
 
 
 def load_detections(run_dir: str | Path) -> list[dict]:
@@ -43,8 +44,13 @@ def _ordered(xs) -> list:
     return list(dict.fromkeys(xs))
 
 
+def model_level(dets: list[dict]) -> list[dict]:
+    return [d for d in dets if d.get("level", "model") == "model"]
+
+
 def summary(dets: list[dict]) -> list[dict]:
-    """One row per (dataset, model, detector): label accuracy, AUROC, counts, median seconds."""
+    """One row per (dataset, model, model-level detector): label accuracy, AUROC, counts, median seconds."""
+    dets = model_level(dets)
     rows = []
     for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
         group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model)]
@@ -85,7 +91,7 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 
 def _per_attack(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
-    group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model)]
+    group = [d for d in model_level(dets) if (d["dataset"], d["model"]) == (ds, model)]
     names = _ordered(d["detector"] for d in group)
     rows = []
     for atk in _ordered(d["attack"] for d in group):
@@ -103,9 +109,48 @@ def _per_attack(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[
     return names, rows
 
 
+MIX_MARK = "‡"
+MIX_NOTE = ("‡ scored on a test-time mix of clean and triggered test images: the attack stores no poisoned "
+            "training image (it poisons batches on the fly), or the detector works on inputs (STRIP).")
+
+
+def _sample_rows(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Per attack, per sample/input-level detector: "AUROC / TPR@5%FPR / P@k" (means over seeds)."""
+    group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d.get("level", "model") != "model"]
+    names = _ordered(d["detector"] for d in group)
+    rows = []
+    for atk in _ordered(d["attack"] for d in group):
+        texts = []
+        for name in names:
+            cell = [d for d in group if d["attack"] == atk and d["detector"] == name]
+            ok = [d for d in cell if d["status"] == "ok"]
+            if not ok:
+                texts.append("n/a" if cell and all(d["status"] == "not applicable" for d in cell) else
+                             "failed" if cell else "-")
+                continue
+            vals = [statistics.mean(v) if (v := [d["detection"][k] for d in ok if d["detection"][k] is not None]) else None
+                    for k in ("auroc", "tpr_at_5fpr", "precision_at_k")]
+            mark = MIX_MARK if any(d["detection"]["source"] != "training set" for d in ok) else ""
+            texts.append(" / ".join(_num(v) for v in vals) + mark)
+        rows.append((atk, texts))
+    return names, rows
+
+
 def detection_markdown(dets: list[dict]) -> str:
     parts = []
     rows = summary(dets)
+    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+        names, per = _sample_rows(dets, ds, model)
+        if not per:
+            continue
+        parts.append(f"### Poisoned-sample and triggered-input detection: {ds} / {model}\n")
+        parts.append("| attack | " + " | ".join(names) + " |")
+        parts.append("|---|" + "---:|" * len(names))
+        for atk, texts in per:
+            parts.append(f"| {atk} | " + " | ".join(texts) + " |")
+        parts.append("")
+        parts.append("Each cell: AUROC / TPR at 5 % FPR / precision at the true poison count, means over seeds; n/a: "
+                     "nothing to detect (the clean model) or the poisoned set cannot be rebuilt from the cache. " + MIX_NOTE + "\n")
     for ds, model in _ordered((r["dataset"], r["model"]) for r in rows):
         parts.append(f"### Detection: {ds} / {model}\n")
         parts.append("| detector | label accuracy | AUROC | backdoored / clean models | label accuracy, implanted "
@@ -138,7 +183,10 @@ def detection_csv(dets: list[dict]) -> str:
     w.writeheader()
     for d in dets:
         det = d.get("detection") or {}
-        w.writerow({"dataset": d["dataset"], "model": d["model"], "attack": d["attack"], "detector": d["detector"],
+        extra = {k: ("" if det.get(k) is None else (round(det[k], 6) if isinstance(det[k], float) else det[k]))
+                 for k in ("source", "inputs", "poisoned", "auroc", "tpr_at_5fpr", "precision_at_k")}
+        w.writerow({**extra, "level": d.get("level", "model"),
+                    "dataset": d["dataset"], "model": d["model"], "attack": d["attack"], "detector": d["detector"],
                     "seed": d["seed"], "status": d["status"], "backdoored": d["truth"]["backdoored"],
                     "target": "" if d["truth"]["target"] is None else d["truth"]["target"],
                     "model_asr": "" if d["truth"].get("asr") is None else round(100 * d["truth"]["asr"], 2),
@@ -153,7 +201,7 @@ def detection_latex(dets: list[dict]) -> str:
     from bench.report import tex_escape
 
     lines = []
-    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+    for ds, model in _ordered((d["dataset"], d["model"]) for d in model_level(dets)):
         lines += [f"% Detection: {ds} / {model}", r"\begin{tabular}{lcccccc}", r"\toprule",
                   r"Detector & Label acc. (\%) & AUROC & Backdoored / clean & Label acc., implanted & AUROC, implanted "
                   r"& Median s \\", r"\midrule"]
@@ -161,6 +209,16 @@ def detection_latex(dets: list[dict]) -> str:
             lines.append(f"{tex_escape(r['detector'])} & {_pct(r['label_acc'])} ({r['label_n']}) & {_num(r['auroc'])} & "
                          f"{r['n_backdoored']} / {r['n_clean']} & {_pct(r['label_acc_implanted'])} "
                          f"({r['label_n_implanted']}) & {_num(r['auroc_implanted'])} & {_num(r['median_s'], '.1f')} \\\\")
+        lines += [r"\bottomrule", r"\end{tabular}", ""]
+    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+        names, per = _sample_rows(dets, ds, model)
+        if not per:
+            continue
+        lines += [f"% Poisoned-sample detection (AUROC / TPR at 5% FPR / precision at k): {ds} / {model}",
+                  r"\begin{tabular}{l" + "c" * len(names) + "}", r"\toprule",
+                  "Attack & " + " & ".join(tex_escape(n) for n in names) + r" \\", r"\midrule"]
+        for atk, texts in per:
+            lines.append(tex_escape(atk) + " & " + " & ".join(t.replace(MIX_MARK, r"$^\ddagger$") for t in texts) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
 
@@ -170,6 +228,7 @@ def plot_roc(dets: list[dict], path: Path) -> Path | None:
     from bench.report import _figure, _save, _style
 
     panels = []
+    dets = model_level(dets)
     for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
         curves = []
         ok = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d["status"] == "ok"]
