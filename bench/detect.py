@@ -103,6 +103,13 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
             "score": float(det.score),
             "label_correct": None if target is None else det.label == target,
         }
+        if {"mask", "pattern"} <= set(det.tensors) and rec["truth"]["backdoored"]:  # a recovered trigger
+            want = target if target is not None else det.label
+            for prefix in ("", "baseline_"):
+                if f"{prefix}mask" in det.tensors:
+                    rec["detection"].update({f"{prefix}{k}": v for k, v in trigger_scores(
+                        model, attack, test_set, det.tensors[f"{prefix}mask"], det.tensors[f"{prefix}pattern"], want,
+                        device=device, bf16=job.train.bf16).items()})
     else:
         inputs, poisoned, source = detection_inputs(attack, level, train_set, test_set, poison_idx, job.seed)
         if inputs is None:  # nothing to find here: recorded as such, not as a failure
@@ -125,6 +132,37 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
         rec["_tensors"] = {k: v.detach().cpu() for k, v in det.tensors.items()}
     rec["status"] = "ok"
     return rec
+
+
+PATCH_AREA = 0.1  # a trigger that touches at most this share of the pixels is a patch (IoU is reported)
+
+
+def true_region(attack, test) -> torch.Tensor:
+    """Bool ``[H, W]``: the pixels the attack's trigger changes on any of 32 test images."""
+    x = test.x[:32]
+    return ((attack.trigger(x).int() - x.int()).abs().sum(1) > 0).any(0)
+
+
+def trigger_scores(model, attack, test, mask: torch.Tensor, pattern: torch.Tensor, target: int, *,
+                   device: str, bf16: bool) -> dict:
+    """A recovered (mask, pattern)'s ASR on ``model`` (clean test images of other labels, stamped, sent to
+    ``target``) and, for a patch trigger, the IoU of the mask's top pixels (as many as the true trigger
+    touches) with the true trigger's pixels; None where the true trigger is no patch."""
+    from bench.train import predict
+    from defenses.trigger import stamp
+
+    x = test.x[test.y != target]
+    stamped = (stamp(x, mask[None], pattern[None]) * 255).round().to(torch.uint8)
+    asr = float((predict(model, stamped, device=device, bf16=bf16) == target).float().mean())
+    region = true_region(attack, test)
+    area = int(region.sum())
+    iou = None
+    if 0 < area <= PATCH_AREA * region.numel():
+        top = torch.zeros(region.numel(), dtype=torch.bool)
+        top[torch.topk(mask.flatten().float(), area).indices] = True
+        top = top.view_as(region)
+        iou = float((top & region).sum() / (top | region).sum())
+    return {"trigger_asr": asr, "iou": iou}
 
 
 NOT_APPLICABLE = "not applicable"  # a cell with nothing to detect (the clean model at sample level): done, not failed

@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.detect import auroc, roc_points
 from bench.store import atomic_write_text
 
-DETECTION_FILES = ("detection.md", "detection.csv", "detection.tex", "roc.png")
+DETECTION_FILES = ("detection.md", "detection.csv", "detection.tex", "roc.png", "triggers.png")
 CSV_COLUMNS = ["dataset", "model", "attack", "detector", "level", "seed", "status", "backdoored", "target", "model_asr",
                "label", "label_correct", "score", "source", "inputs", "poisoned", "auroc", "tpr_at_5fpr", "precision_at_k",
                "seconds"]
@@ -136,9 +136,40 @@ def _sample_rows(dets: list[dict], ds: str, model: str) -> tuple[list[str], list
     return names, rows
 
 
+def _trigger_rows(dets: list[dict], ds: str, model: str) -> list[tuple[str, str, list[str]]]:
+    """Per (attack, trigger-recovering detector): ASR and IoU of the recovered trigger, guided and baseline."""
+    out = []
+    group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d["status"] == "ok"
+             and "trigger_asr" in (d.get("detection") or {})]
+    for name in _ordered(d["detector"] for d in group):
+        for atk in _ordered(d["attack"] for d in group if d["detector"] == name):
+            ok = [d for d in group if d["detector"] == name and d["attack"] == atk]
+            texts = []
+            for k in ("trigger_asr", "iou", "baseline_trigger_asr", "baseline_iou"):
+                v = [d["detection"].get(k) for d in ok if d["detection"].get(k) is not None]
+                texts.append((_pct(statistics.mean(v)) if "asr" in k else _num(statistics.mean(v))) if v else "-")
+            out.append((name, atk, texts))
+    return out
+
+
 def detection_markdown(dets: list[dict]) -> str:
     parts = []
     rows = summary(dets)
+    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+        trig = _trigger_rows(dets, ds, model)
+        if not trig:
+            continue
+        parts.append(f"### Trigger recovery: {ds} / {model}\n")
+        parts.append("| detector | attack | ASR of the recovered trigger | IoU with the true patch | "
+                     "baseline ASR (backdoored model alone) | baseline IoU |")
+        parts.append("|---|---|---:|---:|---:|---:|")
+        for name, atk, texts in trig:
+            parts.append(f"| {name} | {atk} | " + " | ".join(texts) + " |")
+        parts.append("")
+        parts.append("ASR in % on the backdoored model (clean test images of other labels, stamped with the recovered "
+                     "trigger). IoU: the mask's top pixels (as many as the true trigger touches) against those pixels; "
+                     "- where the true trigger is no patch (it touches more than 10 % of the image). Baseline: the same "
+                     "optimiser, label and budget against the backdoored model instead of the unlearned one.\n")
     for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
         names, per = _sample_rows(dets, ds, model)
         if not per:
@@ -252,6 +283,42 @@ def plot_roc(dets: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
+    """Per attack with a recovered trigger: the true trigger (amplified difference of the run's example
+    pair), the recovered mask x pattern guided by the unlearned model, and the baseline's."""
+    from bench.report import _figure, _save
+    from bench.store import load_tensors
+
+    rows = []
+    for d in dets:
+        f = (d.get("info") or {}).get("tensors_file")
+        ex = run_dir / "examples" / f"{d['dataset']}-{d['attack']}.safetensors"
+        if d["status"] != "ok" or not d["truth"]["backdoored"] or not f or not (run_dir / f).exists() or not ex.exists():
+            continue
+        t = load_tensors(run_dir / f)
+        if "mask" not in t:
+            continue
+        e = load_tensors(ex)
+        true = (e["triggered"].float() - e["clean"].float()).abs()
+        true = (true / true.max().clamp_min(1)).permute(1, 2, 0).numpy()
+        rec = [(t[f"{p}mask"] * t[f"{p}pattern"]).permute(1, 2, 0).clamp(0, 1).numpy() for p in ("", "baseline_")
+               if f"{p}mask" in t]
+        rows.append((f"{d['attack']} s{d['seed']} ({d['detector']})", true, rec, d["detection"]))
+    if not rows:
+        return None
+    fig, axes = _figure(3 * len(rows), 3, 1.9, 2.0)
+    for i, (title, true, rec, det) in enumerate(rows):
+        panels = [("true trigger (amplified)", true)]
+        panels += [(f"{lab}: ASR {_pct(det.get(k))}", img)
+                   for (lab, k), img in zip((("unlearned-guided", "trigger_asr"), ("backdoored only", "baseline_trigger_asr")), rec)]
+        for j, (lab, img) in enumerate(panels):
+            ax = axes[3 * i + j]
+            ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+            ax.set_title(f"{title}\n{lab}" if j == 0 else lab, fontsize=6)
+            ax.set_xticks([]), ax.set_yticks([])
+    return _save(fig, path)
+
+
 def write_detection_reports(run_dir: str | Path) -> dict[str, Path]:
     """Write the detection files into ``RUN_DIR/report/``; {} (and no stale files) without detections."""
     out = Path(run_dir) / "report"
@@ -265,6 +332,8 @@ def write_detection_reports(run_dir: str | Path) -> dict[str, Path]:
             written[name] = out / name
         if plot_roc(dets, out / "roc.png") is not None:
             written["roc.png"] = out / "roc.png"
+        if plot_triggers(Path(run_dir), dets, out / "triggers.png") is not None:
+            written["triggers.png"] = out / "triggers.png"
     for name in DETECTION_FILES:
         if name not in written:
             (out / name).unlink(missing_ok=True)

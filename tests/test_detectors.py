@@ -159,7 +159,7 @@ def test_every_detector_is_listed_with_fields_and_takes_settings(name):
 def test_registry_refuses_duplicates_and_lists_names_on_a_miss():
     with pytest.raises(BenchError, match="already registered"):
         DETECTORS.register("rnp_label")(type("X", (), {}))
-    with pytest.raises(BenchError, match="known: ac, nc_label, rnp_label, rnp_samples, spectral, strip"):
+    with pytest.raises(BenchError, match="known: ac, nc_label, rnp_label, rnp_samples, rnp_trigger, spectral, strip"):
         DETECTORS.get("nosuch")
 
 
@@ -197,6 +197,25 @@ def test_the_rnp_defense_reports_the_same_unlearned_label(models, clean_data):
     info = RNP(unlearn_lr=0.05, recover_epochs=1)(copy.deepcopy(models["backdoored"]), clean_data, ctx()).info
     det = make("rnp_label")(models["backdoored"], clean_data, ctx())
     assert info["unlearn_predictions"] == det.info["predictions"] and info["unlearn_label"] == det.label
+
+
+def test_trigger_scores_measure_a_recovered_trigger_against_the_true_patch(models):
+    """The harness's scoring of a recovered trigger: the true BadNets patch as (mask, pattern) gives
+    IoU 1 and the model's ASR; an empty mask gives IoU 0 and the clean predictions."""
+    from bench.detect import trigger_scores, true_region
+
+    test = prototypes(200, seed=2)
+    atk = ATTACKS.get("badnets")(target=TARGET)
+    atk.prepare(K, 3, 32, test, 0)
+    region = true_region(atk, test)
+    assert int(region.sum()) == 9 and region[-3:, -3:].all()  # the 3x3 bottom-right grid
+    pattern = atk.trigger(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))[0].float() / 255
+    good = trigger_scores(models["backdoored"], atk, test, region[None].float(), pattern, TARGET, device="cpu", bf16=False)
+    assert good["iou"] == 1.0 and good["trigger_asr"] > 0.9
+    empty = torch.zeros(1, 32, 32)
+    empty[0, :3, :3] = 1.0  # the wrong corner, with the same pattern values there
+    bad = trigger_scores(models["backdoored"], atk, test, empty, pattern, TARGET, device="cpu", bf16=False)
+    assert bad["iou"] == 0.0 and bad["trigger_asr"] < 0.2
 
 
 def test_histogram_facts():
