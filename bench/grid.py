@@ -529,20 +529,10 @@ def run_grid(
             example = rd.path / "examples" / f"{job.dataset.name}-{job.attack.name}.safetensors"
             if key in backdoors and not example.exists():
                 save_tensors(example, load_tensors(model_dir(job) / "example.safetensors"))
-        ready = []
-        for c in todo:
-            if c.job.key in failed_jobs:
-                rec = base_record(c, preset)
-                rec["error"] = f"training the backdoored model failed: {failed_jobs[c.job.key]}"
-                rd.write_cell(rec)
-            else:
-                ready.append(c)
+        ready = _without_failed(todo, failed_jobs, lambda c: base_record(c, preset), rd.write_cell)
         rd.write_records(order)
         for rec in _parallel(_safe_cell, [(c, data_dir, device, preset, backdoors[c.job.key]) for c in ready], jobs, threads):
-            tensors = rec.pop("_tensors", None)
-            if tensors:  # written before the record, so a finished cell always has its tensors
-                save_tensors(rd.tensors / f"{rec['cell']}.safetensors", tensors)
-                rec["info"]["tensors_file"] = f"tensors/{rec['cell']}.safetensors"
+            _save_tensors(rd, rec)
             rd.write_cell(rec)
             rd.write_records(order)
             if rec["status"] == "ok":
@@ -552,19 +542,9 @@ def run_grid(
             else:
                 log(f"{rec['cell']}: FAILED {rec['error']}")
         # Detection: after removal, on the same cached models.
-        ready_det = []
-        for c in todo_det:
-            if c.job.key in failed_jobs:
-                rec = _detect_base(c, preset)
-                rec["error"] = f"training the model failed: {failed_jobs[c.job.key]}"
-                rd.write_detection(rec)
-            else:
-                ready_det.append(c)
+        ready_det = _without_failed(todo_det, failed_jobs, lambda c: _detect_base(c, preset), rd.write_detection)
         for rec in _parallel(safe_detect_cell, [(c, data_dir, device, preset) for c in ready_det], jobs, threads):
-            tensors = rec.pop("_tensors", None)
-            if tensors:
-                save_tensors(rd.tensors / f"{rec['cell']}.safetensors", tensors)
-                rec["info"]["tensors_file"] = f"tensors/{rec['cell']}.safetensors"
+            _save_tensors(rd, rec)
             rd.write_detection(rec)
             rd.write_records(order)
             if rec["status"] == "ok" and rec["level"] == "model":
@@ -583,6 +563,27 @@ def run_grid(
         recs = rd.write_records(order)
     wanted = set(order)
     return [r for r in recs if r["cell"] in wanted]
+
+
+def _without_failed(todo: list, failed_jobs: dict[str, str], base: Callable, write: Callable) -> list:
+    """The cells whose model trained; each of the others is written at once as failed, with the reason."""
+    ready = []
+    for c in todo:
+        if c.job.key in failed_jobs:
+            rec = base(c)
+            rec["error"] = f"training the backdoored model failed: {failed_jobs[c.job.key]}"
+            write(rec)
+        else:
+            ready.append(c)
+    return ready
+
+
+def _save_tensors(rd: RunDir, rec: dict) -> None:
+    """Write a cell's tensors (``_tensors``) before its record, so a finished cell always has them."""
+    tensors = rec.pop("_tensors", None)
+    if tensors:
+        save_tensors(rd.tensors / f"{rec['cell']}.safetensors", tensors)
+        rec["info"]["tensors_file"] = f"tensors/{rec['cell']}.safetensors"
 
 
 def _pct(v: float | None) -> str:

@@ -4,13 +4,19 @@
 no detection cells, and stale copies are removed):
 
 - ``detection.md``, ``detection.csv``, ``detection.tex``, per (dataset, model):
-  - a summary row per model-level detector: label accuracy (the suspected label is the
+  - sample and input level: per attack and detector, AUROC / TPR at 5 % FPR / precision at the
+    true poison count (means over seeds), ‡ where a test-time mix was scored, "n/a" where there
+    is nothing to detect;
+  - trigger recovery: per attack, the recovered trigger's ASR and IoU, and the baseline's;
+  - model level: a summary row per detector: label accuracy (the suspected label is the
     all-to-one target, over the backdoored models with one; "n/m" beside it), AUROC of the
     score over backdoored models against the ``clean`` attack's models ("-" without both
-    kinds), the number of each, and the median detection seconds;
-  - a row per attack: per detector, how many seeds got the label right ("2/3"; "-" where no
-    target is defined: the clean model, all-to-all attacks) and the mean score.
+    kinds), the same over the implanted models only (own ASR above 20 %), and the median
+    detection seconds; then a row per attack: the model's ASR, per detector how many seeds got
+    the label right ("2/3"; "-" where no target is defined) and the mean score.
 - ``roc.png``: per (dataset, model), each model-level detector's ROC curve over its models.
+- ``triggers.png``: per backdoored model with a recovered trigger, the true trigger (amplified
+  difference of the run's example pair) beside the recovered ones.
 
 The CSV is the tidy long form: one row per detection cell.
 """

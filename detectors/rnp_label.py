@@ -60,8 +60,15 @@ class RNPLabel(RNP, Detector):
     settings_from: ClassVar[str | None] = "rnp"
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> Detection:
-        _, un, *_ = self.unlearned(model, clean, ctx)
-        facts = histogram_facts(un["predictions"][-1])
-        info = {"predictions": un["predictions"], "unlearn_steps": un["steps"], "unlearn_acc": un["acc"],
-                "unlearn_reached": un["reached"], "top_share": facts["top_share"], "entropy": facts["entropy"]}
-        return Detection(label=facts["label"], score=facts["top_share"], info=info)
+        _, label, info = unlearned_label(self, model, clean, ctx)
+        return Detection(label=label, score=info["top_share"], info=info)
+
+
+def unlearned_label(rnp: RNP, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> tuple[nn.Module, int, dict]:
+    """RNP's stage 1 as the defense runs it, and what RNP's detectors read off it: (the unlearned
+    model, the label it predicts most on the defense data, facts for the record)."""
+    unlearned, un, *_ = rnp.unlearned(model, clean, ctx)
+    facts = histogram_facts(un["predictions"][-1])
+    info = {"predictions": un["predictions"], "unlearn_steps": un["steps"], "unlearn_acc": un["acc"],
+            "unlearn_reached": un["reached"], "top_share": facts["top_share"], "entropy": facts["entropy"]}
+    return unlearned, facts["label"], info

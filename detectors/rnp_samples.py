@@ -34,7 +34,7 @@ from bench.registry import BenchError
 from defenses.base import DefenseContext
 from defenses.rnp import RNP
 from detectors.base import DETECTORS, Detection, Detector, features
-from detectors.rnp_label import histogram_facts
+from detectors.rnp_label import unlearned_label
 
 
 def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -58,11 +58,7 @@ class RNPSamples(RNP, Detector):
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:
             raise BenchError("rnp_samples is a sample-level detector: it needs the images to score")
-        unlearned, un, *_ = self.unlearned(model, clean, ctx)
-        facts = histogram_facts(un["predictions"][-1])
+        unlearned, label, info = unlearned_label(self, model, clean, ctx)
         _, logits = features(unlearned, inputs.x, device=ctx.device, bf16=ctx.bf16)
-        col = inputs.y.cpu() if self.signal == "unlearned" else torch.full((len(logits),), facts["label"], dtype=torch.long)
-        scores = logit_margin(logits, col)
-        info = {"signal": self.signal, "unlearn_steps": un["steps"], "unlearn_acc": un["acc"],
-                "unlearn_reached": un["reached"], "unlearn_label": facts["label"], "top_share": facts["top_share"]}
-        return Detection(scores=scores, info=info)
+        col = inputs.y.cpu() if self.signal == "unlearned" else torch.full((len(logits),), label, dtype=torch.long)
+        return Detection(scores=logit_margin(logits, col), info={**info, "signal": self.signal, "unlearn_label": label})

@@ -38,7 +38,7 @@ from defenses.base import DefenseContext
 from defenses.rnp import RNP
 from defenses.trigger import TriggerSearch, reverse_triggers
 from detectors.base import DETECTORS, Detection, Detector
-from detectors.rnp_label import histogram_facts
+from detectors.rnp_label import unlearned_label
 
 
 @DETECTORS.register("rnp_trigger")
@@ -61,16 +61,13 @@ class RNPTrigger(RNP, TriggerSearch, Detector):
         return reverse_triggers(model, data, [label], search, gen=gen, device=ctx.device, bf16=ctx.bf16)
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> Detection:
-        unlearned, un, *_ = self.unlearned(model, clean, ctx)
-        facts = histogram_facts(un["predictions"][-1])
-        label = facts["label"]
+        unlearned, label, info = unlearned_label(self, model, clean, ctx)
         data = clean.to(ctx.device)
         guided = self.search(unlearned.eval(), data, label, ctx)
         alone = self.search(model.to(ctx.device).eval(), data, label, ctx)
-        info = {"unlearn_steps": un["steps"], "unlearn_reached": un["reached"], "top_share": facts["top_share"],
-                "norm": round(float(guided.norms[0]), 3), "baseline_norm": round(float(alone.norms[0]), 3),
+        info = {**info, "norm": round(float(guided.norms[0]), 3), "baseline_norm": round(float(alone.norms[0]), 3),
                 "reached": bool(guided.reached[0]), "baseline_reached": bool(alone.reached[0]),
                 "trigger_steps": guided.steps}
         tensors = {"mask": guided.masks[0], "pattern": guided.patterns[0],
                    "baseline_mask": alone.masks[0], "baseline_pattern": alone.patterns[0]}
-        return Detection(label=label, score=facts["top_share"], info=info, tensors=tensors)
+        return Detection(label=label, score=info["top_share"], info=info, tensors=tensors)
