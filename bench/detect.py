@@ -30,23 +30,26 @@ run folder made without it computes only the detection cells that are missing.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from bench.data import defense_subset
+from bench.data import ImageSet, defense_subset
+from bench.registry import BenchError
 from defenses.base import DefenseContext
 from detectors.base import Detector
+
+if TYPE_CHECKING:  # bench.grid imports this module, so only for the annotations
+    from bench.grid import RunConfig, TrainJob
 
 
 @dataclass(frozen=True)
 class DetectCell:
-    job: "TrainJob"  # noqa: F821  (bench.grid.TrainJob; imported there, not here, to avoid a cycle)
+    job: TrainJob
     detector: Detector
-    run: "RunConfig"  # noqa: F821
+    run: RunConfig
 
     @property
     def id(self) -> str:
@@ -184,8 +187,6 @@ def detection_inputs(attack, level: str, train, test, poison_idx: torch.Tensor, 
     if not attack.has_trigger:
         return None, None, "the clean model: no poisoned image, no trigger"
     if level == "sample" and len(poison_idx):
-        from bench.registry import BenchError
-
         try:
             rebuilt = attack.poison(train, seed)
         except BenchError as exc:  # e.g. LC's perturbed images live only in the training process
@@ -200,8 +201,6 @@ def detection_inputs(attack, level: str, train, test, poison_idx: torch.Tensor, 
     it = torch.randperm(len(trig), generator=gen)[:MIX_IMAGES]
     others = (test.y != attack.target).nonzero().flatten() if attack.label_mode == "all2one" else torch.arange(len(test))
     ic = others[torch.randperm(len(others), generator=gen)[:len(it)]]
-    from bench.data import ImageSet
-
     inputs = ImageSet(torch.cat([test.x[ic], trig.x[it]]), torch.cat([test.y[ic], trig.y_target[it]]))
     truth_mask = torch.cat([torch.zeros(len(ic), dtype=torch.bool), torch.ones(len(it), dtype=torch.bool)])
     return inputs, truth_mask, "test-time mix"
@@ -212,7 +211,7 @@ def tpr_at_fpr(positives: Sequence[float], negatives: Sequence[float], fpr: floa
     if not positives or not negatives:
         return None
     neg = torch.tensor(sorted(negatives, reverse=True), dtype=torch.float64)
-    allowed = int(fpr * len(neg))  # negatives that may score at or above the threshold
+    allowed = int(fpr * len(neg))  # negatives that may score above the threshold (flagged)
     thr = neg[allowed] if allowed < len(neg) else neg[-1] - 1
     return float((torch.tensor(positives, dtype=torch.float64) > thr).double().mean())
 
@@ -237,14 +236,6 @@ def safe_detect_cell(cell: DetectCell, data_dir, device, preset) -> dict:
         return rec
 
 
-def is_done(rec: dict | None, cell: DetectCell) -> bool:
-    """Finished if ok and made with the same model, detector config and run config."""
-    if rec is None or rec.get("status") not in ("ok", NOT_APPLICABLE):
-        return False
-    cfg = rec.get("config", {})
-    want = json.loads(json.dumps({"detector": {"name": cell.detector.name, **cell.detector.to_dict()},
-                                  "run": cell.run.to_dict()}))
-    return cfg.get("model_key") == cell.job.key and cfg.get("detector") == want["detector"] and cfg.get("run") == want["run"]
 
 
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:

@@ -45,7 +45,7 @@ import detectors as _detectors  # noqa: F401  (registers the built-in detectors)
 from attacks.base import ATTACKS, Attack, prepare_attack
 from bench.config import Config, build, param
 from bench.data import DATASETS, Dataset, ImageSet, cache_dir, defense_subset
-from bench.detect import DetectCell, base_detect_record as _detect_base, is_done as _detect_done, safe_detect_cell
+from bench.detect import NOT_APPLICABLE, DetectCell, base_detect_record as _detect_base, safe_detect_cell
 from bench.metrics import TriggeredSet, evaluate
 from bench.models import MODELS, ModelSpec
 from bench.presets import PRESETS, Preset
@@ -481,7 +481,7 @@ def run_grid(
         if len(todo) < len(cells):
             log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already finished")
         finished_det = rd.finished(rd.detect)
-        todo_det = [c for c in detect if not _detect_done(finished_det.get(c.id), c)]
+        todo_det = [c for c in detect if not _is_done(finished_det.get(c.id), c)]
         if len(todo_det) < len(detect):
             log(f"resuming: {len(detect) - len(todo_det)} of {len(detect)} detection cells already finished")
         # Load each dataset once up front: a missing one fails here, before any training, and the
@@ -556,7 +556,7 @@ def run_grid(
                 d = rec["detection"]
                 log(f"{rec['cell']}: AUROC {d['auroc']:.3f}  TPR@5%FPR {d['tpr_at_5fpr']:.3f}  P@k {d['precision_at_k']:.3f}  "
                     f"({d['poisoned']} of {d['inputs']} {d['source']} inputs poisoned; {rec['seconds']['detect']:.1f} s)")
-            elif rec["status"] == "not applicable":
+            elif rec["status"] == NOT_APPLICABLE:
                 log(f"{rec['cell']}: not applicable ({rec['info']['reason']})")
             else:
                 log(f"{rec['cell']}: FAILED {rec['error']}")
@@ -591,14 +591,16 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def _is_done(rec: dict | None, cell: Cell) -> bool:
-    """A cell is finished if its record is ok and was made with the same model and defense config."""
-    if rec is None or rec.get("status") != "ok":
+def _is_done(rec: dict | None, cell: Cell | DetectCell) -> bool:
+    """A removal or detection cell is finished if its record is ok (a detection cell's may also be "not
+    applicable") and was made with the same model, the same defense or detector config and run config."""
+    kind, comp = ("defense", cell.defense) if isinstance(cell, Cell) else ("detector", cell.detector)
+    if rec is None or rec.get("status") not in ("ok", *(() if kind == "defense" else (NOT_APPLICABLE,))):
         return False
     cfg = rec.get("config", {})
     want = json.loads(json.dumps({  # as the record stores them (tuples become lists)
-        "defense": {"name": cell.defense.name, **cell.defense.to_dict()}, "run": cell.run.to_dict()}))
-    return cfg.get("model_key") == cell.job.key and cfg.get("defense") == want["defense"] and cfg.get("run") == want["run"]
+        kind: {"name": comp.name, **comp.to_dict()}, "run": cell.run.to_dict()}))
+    return cfg.get("model_key") == cell.job.key and cfg.get(kind) == want[kind] and cfg.get("run") == want["run"]
 
 
 def _parallel(fn: Callable, arglist: list[tuple], jobs: int, threads: int):

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from bench.data import ImageSet

@@ -385,6 +385,9 @@ def test_sample_level_cells_score_the_rebuilt_training_set_a_test_mix_or_are_not
     # The training-set inputs are the poisoned set as trained: labels of poisoned images are the target.
     x = SEEN[0]
     assert int((x.y == 1).sum()) > int((train_set.y == 1).sum())
+    logs: list[str] = []
+    run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=logs.append, detect=det)
+    assert any("3 of 3 detection cells already finished" in m for m in logs), "a 'not applicable' cell counts as done"
 
 
 def test_tpr_at_fpr_and_precision_at_k():
