@@ -38,6 +38,12 @@ Defaults, and where they come from (official ``main.py`` arguments unless said o
 BatchNorm running statistics on the defense data (the training share with select=auto),
 in the chosen model, in every model of the sweep and in select=auto's held-out checks.
 
+Stage 1 is shared: ``unlearned`` keeps its last few results in the process, keyed by everything
+unlearning depends on (the model's weights and buffers, the data, seed, device, bf16 and the
+unlearning fields), so the defense and RNP's detectors (``rnp_label``, ``rnp_samples``,
+``rnp_trigger``) on one model unlearn once. A hit returns copies of the very model, facts and
+generator position that unlearning again would give.
+
 ``select="auto"`` picks the threshold from the defense data alone, with the shared helper
 ``defenses.select`` (also ANP's): a seeded ``holdout`` fraction of it is set aside (unlearning
 and recovering use the rest); the threshold is the largest sweep value t such that, for every
@@ -72,6 +78,7 @@ Departures from the official code, all deliberate:
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Literal, Mapping
 
@@ -87,6 +94,13 @@ from bench.train import autocast, predict, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune
 from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdout
+
+# Stage 1 results of this process, newest last, keyed by RNP._unlearn_key: the defense and RNP's
+# detectors (rnp_label, rnp_samples, rnp_trigger) on one model share one unlearning.
+_UNLEARNED: dict[str, tuple[nn.Module, dict, torch.Tensor]] = {}
+_UNLEARNED_KEEP = 4
+_STAGE1_FIELDS = ("clean_threshold", "unlearn_lr", "unlearn_epochs", "unlearn_milestones", "momentum",
+                  "weight_decay", "stop_check", "batch_size", "select", "holdout")
 
 SWEEP: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0, 0.95, 0.05))  # official: 0..0.9 step 0.05
 
@@ -256,8 +270,34 @@ class RNP(Defense):
         data, held = clean.to(ctx.device), None
         if self.select == "auto":
             data, held = split_holdout(data, self.holdout, gen, "rnp")
-        work = copy.deepcopy(model.to(ctx.device))
-        return work, self.unlearn(work, data, ctx, gen), data, held, gen
+        model = model.to(ctx.device)
+        key = self._unlearn_key(model, data, ctx)
+        hit = _UNLEARNED.get(key)
+        if hit is None:
+            work = copy.deepcopy(model)
+            facts = self.unlearn(work, data, ctx, gen)
+            _UNLEARNED[key] = (copy.deepcopy(work), copy.deepcopy(facts), gen.get_state())
+            while len(_UNLEARNED) > _UNLEARNED_KEEP:
+                _UNLEARNED.pop(next(iter(_UNLEARNED)))
+            return work, facts, data, held, gen
+        # The same stage 1 ran before in this process (the defense, then each RNP detector, on the
+        # same model): reuse it. Unlearning is deterministic given these inputs, so this is the model
+        # it would make again; copies, since callers attach masks to it.
+        work, facts, state = hit
+        gen.set_state(state)
+        return copy.deepcopy(work), copy.deepcopy(facts), data, held, gen
+
+    def _unlearn_key(self, model: nn.Module, data: ImageSet, ctx: DefenseContext) -> str:
+        """What stage 1's result depends on: the model's state, the data, the seed and place, the unlearning fields."""
+        h = hashlib.sha256()
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        for t in (data.x, data.y):
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        stage1 = {f: getattr(self, f) for f in _STAGE1_FIELDS}
+        h.update(repr((stage1, ctx.seed, str(ctx.device), ctx.bf16, ctx.num_classes, ctx.augmentation)).encode())
+        return h.hexdigest()
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         model = model.to(ctx.device)

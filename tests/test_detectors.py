@@ -217,6 +217,41 @@ def test_the_rnp_defense_reports_the_same_unlearned_label(models, clean_data):
     assert info["unlearn_predictions"] == det.info["predictions"] and info["unlearn_label"] == det.label
 
 
+def test_stage1_is_shared_within_a_process_and_equals_a_fresh_one(models, clean_data, monkeypatch):
+    """RNP.unlearned remembers its last results: the same model, data, seed and unlearning fields give
+    the very model, facts and generator position a fresh unlearning gives, without unlearning again;
+    anything stage 1 depends on (a weight, the seed, an unlearning field) unlearns anew, and a field of
+    the later stages (recover_lr) does not."""
+    from defenses import rnp as rnp_mod
+    from defenses.rnp import RNP
+
+    calls = []
+    real = RNP.unlearn
+    monkeypatch.setattr(RNP, "unlearn", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(rnp_mod, "_UNLEARNED", {})
+    model = copy.deepcopy(models["backdoored"])
+    a = RNP(unlearn_lr=0.05)
+    w1, f1, _, _, g1 = a.unlearned(model, clean_data, ctx())
+    head = lambda m: [x for x in m.modules() if isinstance(x, nn.Linear)][-1]  # noqa: E731
+    head(w1).weight.data.zero_()  # the caller owns what it got: later hits must not see this
+    w2, f2, _, _, g2 = a.unlearned(model, clean_data, ctx())
+    assert len(calls) == 1 and f1 == f2 and torch.equal(g1.get_state(), g2.get_state())
+    monkeypatch.setattr(rnp_mod, "_UNLEARNED", {})
+    w3, f3, _, _, g3 = a.unlearned(model, clean_data, ctx())  # fresh, memo emptied
+    assert len(calls) == 2 and f3 == f2 and torch.equal(g3.get_state(), g2.get_state())
+    assert all(torch.equal(x, y) for x, y in zip(w2.state_dict().values(), w3.state_dict().values()))
+    assert not torch.equal(head(w2).weight, head(w1).weight)
+    RNP(unlearn_lr=0.05, recover_lr=0.1).unlearned(model, clean_data, ctx())
+    assert len(calls) == 2
+    for again in (lambda: RNP(unlearn_lr=0.05).unlearned(model, clean_data, ctx(seed=1)),
+                  lambda: RNP(unlearn_lr=0.05, clean_threshold=0.3).unlearned(model, clean_data, ctx())):
+        again()
+    with torch.no_grad():
+        head(model).bias[0] += 1.0
+    a.unlearned(model, clean_data, ctx())
+    assert len(calls) == 5
+
+
 def test_trigger_scores_measure_a_recovered_trigger_against_the_true_patch(models):
     """The harness's scoring of a recovered trigger: the true BadNets patch as (mask, pattern) gives
     IoU 1 and the model's ASR; an empty mask gives IoU 0 and the clean predictions."""
