@@ -135,6 +135,16 @@ def test_select_auto_is_the_shared_helper_in_rnp_and_anp(model, sets, monkeypatc
     assert info["threshold"] == SWEEP[max(n_ok - 1, 0)]
 
 
+def test_largest_within_keeps_a_drop_of_exactly_the_bound():
+    """95 of 100 held-out images right is a drop of exactly 5 points from 100 %; as a float32 fraction
+    it reads 0.949999988 and must still pass (it failed before: RNP then fell back to t = 0)."""
+    f32 = lambda k: float(torch.tensor(k / 100, dtype=torch.float32))  # noqa: E731
+    accs = {0.0: f32(100), 0.05: f32(95), 0.1: f32(94), 0.15: f32(99)}
+    chosen, tried = defenses.select.largest_within(list(accs), accs.get, 1.0, 0.05)
+    assert chosen == 0.05 and tried == [accs[0.0], accs[0.05], accs[0.1]]  # stops at the first failure
+    assert defenses.select.largest_within(list(accs), accs.get, 1.0, 0.04)[0] == 0.0
+
+
 def test_anp_without_batchnorm_masks_conv_channels(sets):
     m = MODELS.get("vgg")(width=2, bn=False).build(10, 3, SYN.mean, SYN.std, seed=0).eval()
     before = state(m)
