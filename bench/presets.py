@@ -128,7 +128,13 @@ PRESETS: dict[str, Preset] = {
         # images, 5.7 % of the set; speed limit 50). They poison only target-class images, and the
         # other attacks' class 0 has 210 (0.54 %): SIG's and LC's 10 % and CTRL's 5 % of the set would be
         # capped at 210 images there. Every other attack keeps target 0, as RNP and BackdoorBench.
-        fields={"resnet18": {"width": 16}, "rnp": {"select": "auto"}, **QUICK_ATTACK_STRENGTH},
+        # RNP's held-out check measures the mean probability of the right label, with a 3-point bound
+        # (select_measure, max_acc_drop): the RNP matrix study of issue 8 (16 GTSRB models; evidence in
+        # defenses/select.py and the README). With held-out accuracy and 5 points it kept ASR <= 10 % at
+        # a CA cost <= 5 points on 8 of 16 models, with this rule on 12: on every model where some
+        # threshold of RNP's sweep does.
+        fields={"resnet18": {"width": 16}, "rnp": {"select": "auto", "select_measure": "probability", "max_acc_drop": 0.03},
+                **QUICK_ATTACK_STRENGTH},
     ),
     "paper": Preset(
         name="paper",

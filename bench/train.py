@@ -263,6 +263,25 @@ def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
+@torch.no_grad()
+def true_class_probability(model: nn.Module, data: ImageSet, *, device: torch.device | str = "cpu",
+                           batch_size: int = 256, bf16: bool = True) -> float:
+    """Mean softmax probability that ``model`` (eval mode) gives each image's own label: a "soft accuracy"."""
+    if len(data) == 0:
+        return float("nan")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(data), batch_size):
+        with autocast(device, bf16):
+            z = model(to_input(data.x[i:i + batch_size].to(device)))
+        y = data.y[i:i + batch_size].to(z.device)
+        total += float(z.float().softmax(1).gather(1, y[:, None]).sum())
+    model.train(was_training)
+    return total / len(data)
+
+
 def accuracy(model: nn.Module, data: ImageSet, **kw) -> float:
     """Fraction of ``data`` classified as its label."""
     if len(data) == 0:

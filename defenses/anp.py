@@ -52,7 +52,7 @@ defense here never sees test data.
 accuracy over the last min(iterations, 500) iterations, the official print window),
 ``threshold``, ``select``, ``channels_pruned`` / ``channels_total``, ``mask_kind``, ``masks``
 ({layer: [mask per channel]}, rounded to 5 decimals); with select=auto also
-``holdout_images``, ``auto_base_acc`` and ``auto_accs`` (held-out accuracy per threshold tried).
+``holdout_images``, ``auto_measure``, ``auto_base`` and ``auto_values`` (the held-out measure per threshold tried).
 
 Departures from the official code, all deliberate:
 - ``project_noise`` (on by default): the paper bounds the perturbations by eps, but the
@@ -128,7 +128,9 @@ class ANP(Defense):
     select: Literal["fixed", "auto"] = param("fixed", doc="fixed threshold, or chosen on held-out defense data")
     holdout: float = param(HOLDOUT, low=0.0, high=0.9, doc="select=auto: fraction of the defense data held out")
     # 0.05: the evidence is in defenses/select.py (MAX_ACC_DROP).
-    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out accuracy drop")
+    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out drop of select_measure (a fraction)")
+    select_measure: Literal["accuracy", "probability"] = param(
+        "accuracy", doc="select=auto: what the drop is measured in: held-out accuracy, or mean probability of the right label")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -216,7 +218,8 @@ class ANP(Defense):
         info: dict = {}
         if held is not None:
             threshold, facts_auto = choose_threshold(SWEEP, model, lambda t: self.pruned(model, masks, t)[0], held,
-                                                     self.max_acc_drop, device=ctx.device, bf16=ctx.bf16)
+                                                     self.max_acc_drop, measure=self.select_measure, device=ctx.device,
+                                                     bf16=ctx.bf16)
             info.update(facts_auto)
         else:
             threshold = self.threshold

@@ -58,7 +58,7 @@ check's accuracy) and ``unlearn_history`` (every check), ``unlearn_reached``, ``
 (training accuracy over the last recovering epoch, as the official log reports it);
 ``threshold``, ``select``, ``channels_pruned`` / ``channels_total``, ``mask_kind`` and
 ``masks`` ({layer: [mask per channel]}, rounded to 5 decimals); with select=auto also
-``holdout_images``, ``auto_base_acc`` and ``auto_accs`` (held-out accuracy per threshold tried).
+``holdout_images``, ``auto_measure``, ``auto_base`` and ``auto_values`` (the held-out measure per threshold tried).
 
 Departures from the official code, all deliberate:
 - ``stop_check="step"`` by default (see the field); ``"epoch"`` is the official rule.
@@ -165,7 +165,9 @@ class RNP(Defense):
     select: Literal["fixed", "auto"] = param("fixed", doc="fixed threshold, or chosen on held-out defense data")
     holdout: float = param(HOLDOUT, low=0.0, high=0.9, doc="select=auto: fraction of the defense data held out")
     # 0.05: the evidence is in defenses/select.py (MAX_ACC_DROP).
-    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out accuracy drop")
+    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out drop of select_measure (a fraction)")
+    select_measure: Literal["accuracy", "probability"] = param(
+        "accuracy", doc="select=auto: what the drop is measured in: held-out accuracy, or mean probability of the right label")
     # Off by default (the official code keeps the original running statistics). Zeroing a
     # channel shifts the statistics of every BatchNorm after it; in a wide network (ResNet-18:
     # 4800 channels, 24 pruned in the official log) the shift is negligible, in a narrow one it
@@ -310,7 +312,8 @@ class RNP(Defense):
         info: dict = {}
         if held is not None:
             threshold, facts_auto = choose_threshold(SWEEP, model, lambda t: self.pruned(model, masks, t, data, ctx)[0],
-                                                     held, self.max_acc_drop, device=ctx.device, bf16=ctx.bf16)
+                                                     held, self.max_acc_drop, measure=self.select_measure,
+                                                     device=ctx.device, bf16=ctx.bf16)
             info.update(facts_auto)
         else:
             threshold = self.threshold

@@ -6,18 +6,40 @@ never sees test data, so it cannot pick its operating point the way published sw
 
 1. ``split_holdout``: a seeded ``holdout`` fraction of the defense data is set aside; the
    defense learns its masks on the rest.
-2. ``largest_within`` (through ``choose_threshold``, which measures the accuracies): the candidates (pruning thresholds, in increasing order of how much
-   they prune) are tried in order; the chosen one is the largest ``t`` such that, for every
-   candidate up to and including ``t``, the pruned model's held-out accuracy is >= the
-   unpruned model's held-out accuracy minus ``max_acc_drop``. If even the first candidate
-   fails, the first candidate is used. The search stops at the first failure, so later
-   candidates are never evaluated.
+2. ``largest_within`` (through ``choose_threshold``, which measures each candidate): the
+   candidates (pruning thresholds, in increasing order of how much they prune) are tried in
+   order; the chosen one is the largest ``t`` such that, for every candidate up to and including
+   ``t``, the pruned model's held-out measure is >= the unpruned model's minus ``max_drop``. If
+   even the first candidate fails, the first candidate is used. The search stops at the first
+   failure, so later candidates are never evaluated.
+
+The measure (``select_measure`` of RNP and ANP; ``MEASURES``):
+- ``"accuracy"`` (the class default): the share of held-out images classified right.
+- ``"probability"``: the mean softmax probability of each held-out image's own label, a "soft
+  accuracy". The defense data come from the training set, which the model has fit: pruning
+  costs those images less accuracy than unseen ones, and 100 held-out images move in whole
+  points. The probability moves before the labels flip.
+
+Evidence (issue 8's RNP matrix: 16 GTSRB quick-preset models, BadNets and Blend x target 0 and 2
+x poison rate 10 % and 2 % x seeds 0 and 1; every sweep threshold of RNP's masks, test CA on
+1,000 test images; 151 (model, threshold) points with a test CA drop under 15 points): the
+held-out accuracy drop correlates 0.92 with the test CA drop, the held-out probability drop
+0.95. Of the 44 points that cost >= 5 test points, 14 passed the 5-point accuracy bound (their
+held-out accuracy fell by as little as 1 point); none had a probability drop under 3.7 points.
+Chosen per model, ASR <= 10 % at a CA cost <= 5 points: accuracy with 5 points 8 of 16,
+accuracy 2 points 11, probability 5 points 11, probability 3 points 12 (the quick preset's
+setting), the fixed 0.2 (per-step stop) 6. 12 is what the best threshold picked on the TEST set
+reaches: on the other four models (Blend; three at 2 % poisoning) no threshold of RNP's sweep
+does. On the demo preset (smallcnn, ``recalibrate_bn``) probability with 3 points was worse (it
+left 27-68 % ASR on BadNets, BPP, SIG and TrojanNN where accuracy with 5 points removed them),
+so the class default and the demo stay on accuracy.
 
 Why 0.05 by default (``MAX_ACC_DROP``): with 500 defense images and ``holdout`` 0.2, about
 100 images are held out, so one image is 1 point and the binomial standard error of a ~95 %
 accuracy is ~2 points; 5 points is ~2 SE: small enough to keep CA, large enough not to stop
 on noise. Applied to the official RNP log's test CA it would pick 0.6 (CA -4.0 points, ASR
-0.26 %); a 2-point bound would pick 0.3 (ASR 1.7 %).
+0.26 %); a 2-point bound would pick 0.3 (ASR 1.7 %). A drop of exactly ``max_drop`` passes
+(``TOL``: 95/100 as a float32 reads 0.949999988).
 """
 
 from __future__ import annotations
@@ -29,7 +51,7 @@ from torch import nn
 
 from bench.data import ImageSet
 from bench.registry import BenchError
-from bench.train import accuracy
+from bench.train import accuracy, true_class_probability
 
 HOLDOUT = 0.2
 MAX_ACC_DROP = 0.05
@@ -58,17 +80,22 @@ def largest_within(candidates: Sequence[float], acc_at: Callable[[float], float]
     return chosen, accs
 
 
+# How a candidate's held-out data is scored: the share right, or the mean probability of the right label.
+MEASURES: dict[str, Callable[..., float]] = {"accuracy": accuracy, "probability": true_class_probability}
+
+
 def choose_threshold(candidates: Sequence[float], model: nn.Module, pruned_at: Callable[[float], nn.Module],
-                     held: ImageSet, max_drop: float, *, device: torch.device | str = "cpu",
+                     held: ImageSet, max_drop: float, *, measure: str = "accuracy", device: torch.device | str = "cpu",
                      bf16: bool = False) -> tuple[float, dict]:
     """``select=auto``: (chosen candidate, facts for the record).
 
-    ``pruned_at(t)`` returns ``model`` pruned at candidate ``t``; accuracies are measured on the
-    held-out share ``held``. The facts are ``holdout_images``, ``auto_base_acc`` (the unpruned
-    model's held-out accuracy) and ``auto_accs`` (held-out accuracy per candidate tried).
+    ``pruned_at(t)`` returns ``model`` pruned at candidate ``t``; ``measure`` (a key of ``MEASURES``)
+    is taken on the held-out share ``held``. The facts are ``holdout_images``, ``auto_measure``,
+    ``auto_base`` (the unpruned model's held-out measure) and ``auto_values`` (per candidate tried).
     """
-    base = accuracy(model, held, device=device, bf16=bf16)
-    chosen, accs = largest_within(candidates, lambda t: accuracy(pruned_at(t), held, device=device, bf16=bf16),
-                                  base, max_drop)
-    return chosen, {"holdout_images": len(held), "auto_base_acc": base,
-                    "auto_accs": dict(zip(map(str, candidates), accs))}
+    score = MEASURES[measure]
+    base = score(model, held, device=device, bf16=bf16)
+    chosen, values = largest_within(candidates, lambda t: score(pruned_at(t), held, device=device, bf16=bf16),
+                                    base, max_drop)
+    return chosen, {"holdout_images": len(held), "auto_measure": measure, "auto_base": base,
+                    "auto_values": dict(zip(map(str, candidates), values))}

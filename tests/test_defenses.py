@@ -23,6 +23,7 @@ from defenses import DEFENSES, DefenseContext, DefenseResult
 from defenses.fp import FinePruning, head_features, last_linear
 from defenses.masks import attach_masks, prune
 from defenses.rnp import RNP, SWEEP, batches, recalibrate_bn
+from defenses.select import TOL
 
 from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, sets, state  # noqa: F401  (fixtures)
 
@@ -199,8 +200,9 @@ def test_rnp_sweep_is_the_official_grid(model, rnp_run):
     assert counts == sorted(counts) and counts[SWEEP.index(0.2)] == res.info["channels_pruned"]
 
 
-def test_rnp_auto_uses_only_the_defense_data(model, sets, monkeypatch):
-    r = RNP(select="auto", **FAST_RNP)
+@pytest.mark.parametrize("measure", ["accuracy", "probability"])
+def test_rnp_auto_uses_only_the_defense_data(model, sets, monkeypatch, measure):
+    r = RNP(select="auto", select_measure=measure, **FAST_RNP)
     first = r(copy.deepcopy(model), sets[1], ctx())
     # Other data existing, the global RNG moved on, dataset loading forbidden: same choice.
     other, _ = DATASETS.get("synthetic")(n_train=50, n_test=10, seed=7).load()
@@ -210,10 +212,23 @@ def test_rnp_auto_uses_only_the_defense_data(model, sets, monkeypatch):
     info = first.info
     assert json.dumps(info, sort_keys=True) == json.dumps(second.info, sort_keys=True)
     assert info["select"] == "auto" and info["threshold"] in SWEEP and info["holdout_images"] == 13
-    # The documented rule: the largest sweep value up to which held-out accuracy stays within the bound.
-    ok = [a >= info["auto_base_acc"] - r.max_acc_drop for a in info["auto_accs"].values()]
+    assert info["auto_measure"] == measure and all(0 <= v <= 1 for v in info["auto_values"].values())
+    # The documented rule: the largest sweep value up to which the held-out measure stays within the bound.
+    ok = [a >= info["auto_base"] - r.max_acc_drop - TOL for a in info["auto_values"].values()]
     n_ok = ok.index(False) if False in ok else len(ok)
     assert info["threshold"] == SWEEP[max(n_ok - 1, 0)]
+
+
+def test_true_class_probability_is_the_mean_softmax_of_the_label(model, sets):
+    from bench.train import accuracy, to_input, true_class_probability
+
+    data = sets[1]
+    with torch.no_grad():
+        p = model.eval()(to_input(data.x)).float().softmax(1)
+    want = p[torch.arange(len(data)), data.y].mean().item()
+    got = true_class_probability(model, data, bf16=False, batch_size=7)  # batches of 7: the mean is over images
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got != pytest.approx(accuracy(model, data, bf16=False), abs=1e-3)
 
 
 def test_recalibrate_bn_reestimates_the_statistics_of_the_data(model, sets):
