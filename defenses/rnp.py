@@ -98,7 +98,7 @@ from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdo
 # Stage 1 results of this process, newest last, keyed by RNP._unlearn_key: the defense and RNP's
 # detectors (rnp_label, rnp_samples, rnp_trigger) on one model share one unlearning.
 _UNLEARNED: dict[str, tuple[nn.Module, dict, torch.Tensor]] = {}
-_UNLEARNED_KEEP = 4
+_UNLEARNED_KEEP = 16  # a grid runs all removal cells, then all detection cells: keep one per model of `--attack all`
 _STAGE1_FIELDS = ("clean_threshold", "unlearn_lr", "unlearn_epochs", "unlearn_milestones", "momentum",
                   "weight_decay", "stop_check", "batch_size", "select", "holdout")
 
