@@ -298,7 +298,9 @@ class RNP(Defense):
         for t in (data.x, data.y):
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         stage1 = {f: getattr(self, f) for f in _STAGE1_FIELDS}
-        h.update(repr((stage1, ctx.seed, str(ctx.device), ctx.bf16, ctx.num_classes, ctx.augmentation)).encode())
+        # The class's own unlearn (a subclass may change it) and everything it reads besides the model and data.
+        h.update(repr((type(self).unlearn.__qualname__, type(self).epoch.__qualname__, stage1, ctx.seed,
+                       str(ctx.device), ctx.bf16, ctx.num_classes, ctx.augmentation)).encode())
         return h.hexdigest()
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
