@@ -31,7 +31,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -249,36 +249,35 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 256,
-            bf16: bool = True) -> torch.Tensor:
-    """Predicted labels (CPU int64) of uint8 images ``x``, model in eval mode."""
+def _eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device | str, batch_size: int,
+                 bf16: bool) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(slice of ``x``, float logits) per batch of uint8 images ``x``, model in eval mode (its mode restored after)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    preds = []
-    for i in range(0, len(x), batch_size):
-        with autocast(device, bf16):
-            preds.append(model(to_input(x[i:i + batch_size].to(device))).argmax(1).cpu())
-    model.train(was_training)
+    try:
+        for i in range(0, len(x), batch_size):
+            with autocast(device, bf16):
+                z = model(to_input(x[i:i + batch_size].to(device)))
+            yield slice(i, i + batch_size), z.float()
+    finally:
+        model.train(was_training)
+
+
+def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 256,
+            bf16: bool = True) -> torch.Tensor:
+    """Predicted labels (CPU int64) of uint8 images ``x``, model in eval mode."""
+    preds = [z.argmax(1).cpu() for _, z in _eval_logits(model, x, device, batch_size, bf16)]
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
-@torch.no_grad()
 def true_class_probability(model: nn.Module, data: ImageSet, *, device: torch.device | str = "cpu",
                            batch_size: int = 256, bf16: bool = True) -> float:
     """Mean softmax probability that ``model`` (eval mode) gives each image's own label: a "soft accuracy"."""
     if len(data) == 0:
         return float("nan")
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, len(data), batch_size):
-        with autocast(device, bf16):
-            z = model(to_input(data.x[i:i + batch_size].to(device)))
-        y = data.y[i:i + batch_size].to(z.device)
-        total += float(z.float().softmax(1).gather(1, y[:, None]).sum())
-    model.train(was_training)
+    total = sum(float(z.softmax(1).gather(1, data.y[part].to(z.device)[:, None]).sum())
+                for part, z in _eval_logits(model, data.x, device, batch_size, bf16))
     return total / len(data)
 
 

@@ -30,9 +30,9 @@ Chosen per model, ASR <= 10 % at a CA cost <= 5 points: accuracy with 5 points 8
 accuracy 2 points 11, probability 5 points 11, probability 3 points 12 (the quick preset's
 setting), the fixed 0.2 (per-step stop) 6. 12 is what the best threshold picked on the TEST set
 reaches: on the other four models (Blend; three at 2 % poisoning) no threshold of RNP's sweep
-does. (The README's table, from bench runs on the whole test set with one thread: 3 and 10 of 16;
-masks move by a channel with the thread count, and some models sit on the edge.) On the demo preset (smallcnn, ``recalibrate_bn``) probability with 3 points was worse (it
-left 27-68 % ASR on BadNets, BPP, SIG and TrojanNN where accuracy with 5 points removed them),
+does. (The README's table, from bench runs on the whole test set with one thread: 3 and 10 of
+16; masks move by a channel with the thread count, and some models sit on the edge.) On the demo
+preset (smallcnn, ``recalibrate_bn``) probability with 3 points was worse (it left 27-68 % ASR on BadNets, BPP, SIG and TrojanNN where accuracy with 5 points removed them),
 so the class default and the demo stay on accuracy.
 
 Why 0.05 by default (``MAX_ACC_DROP``): with 500 defense images and ``holdout`` 0.2, about
