@@ -225,8 +225,9 @@ class RNP(Defense):
                 reached = history[-1] <= self.clean_threshold
             if reached:
                 break
-        return {"epochs": epoch, "steps": steps, "acc": history[-1], "reached": reached, "history": history,
-                "predictions": hists}
+        budget = self.unlearn_epochs * max(1, round(len(data) / self.batch_size))  # the most steps it may take
+        return {"epochs": epoch, "steps": steps, "budget": budget, "acc": history[-1], "reached": reached,
+                "history": history, "predictions": hists}
 
     def recover(self, model: nn.Module, data: ImageSet, ctx: DefenseContext, gen: torch.Generator) -> tuple[MaskSet, float | None]:
         """Train masks on ``model`` (attached in place, other weights frozen); returns them and the last epoch's accuracy."""

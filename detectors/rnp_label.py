@@ -8,11 +8,20 @@ same settings, the same stop), then predict the defense data with the unlearned 
 backdoor label is the label it predicts most often. Unlearning pushes clean images away from
 their labels, and a backdoored model has a ready-made exit: the target label.
 
-The backdoor score (ours; the paper detects the label, not whether there is a backdoor): the
-share of the defense images that the unlearned model assigns to that label, in [1/K, 1].
-A clean model that is unlearned scatters its errors over many labels; a backdoored one sends
-most of them to the target. Measured beside the alternatives it is chosen over: see the README
-(detection table).
+The backdoor score (ours: the paper detects the label, not whether there is a backdoor) is the
+speed of the unlearning, ``1 - steps / budget``: how early in its step budget (``unlearn_epochs``
+x batches per epoch) the unlearning brought the defense data's accuracy down to
+``clean_threshold``; 0 when it never did. A backdoor gives gradient ascent a ready-made exit (send
+every image to the target), so a backdoored model collapses in a few steps; a clean model has to
+be broken feature by feature. ``backdoor_score=share`` gives the score we tried first instead:
+the share of the defense images that the unlearned model assigns to the detected label (the
+concentration of the last histogram), in [1/K, 1].
+
+Why speed (measured on the quick preset's GTSRB models, seeds 0-1, chosen there and then checked
+on seed 2; the README's detection section has the table): a clean model's unlearning can end in a
+sink label too (seed 1's clean model: 65 % of the images on label 18, more than the Blend
+and BPP models' 47-52 %), so the share does not separate; the clean models needed 56 steps and
+more of 60 (or never reached the threshold), the models whose backdoor took (ASR >= 90 %) 9-43.
 
 Settings: the ``rnp`` defense's fields and defaults (this class inherits them), and the grid
 gives it the ``rnp`` preset fields and ``--set rnp.*`` first (``settings_from``), so the
@@ -21,19 +30,20 @@ pruning. With ``select=auto`` the held-out share is set aside as in the defense,
 unlearned model is the defense's own.
 
 ``info``: ``predictions`` (the label histogram at every stop check), ``unlearn_steps``,
-``unlearn_acc``, ``unlearn_reached``, ``top_share`` (the score) and ``entropy`` (normalised
-entropy of the final histogram, in [0, 1]).
+``unlearn_budget``, ``unlearn_acc``, ``unlearn_reached``, ``speed``, ``top_share`` (the two scores)
+and ``entropy`` (normalised entropy of the final histogram, in [0, 1]).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
+from bench.config import param
 from bench.data import ImageSet
 from defenses.base import DefenseContext
 from defenses.rnp import RNP
@@ -50,18 +60,26 @@ def histogram_facts(hist: list[int]) -> dict:
     return {"label": int(h.argmax()), "top_share": float(p.max()) if n > 0 else 0.0, "entropy": entropy}
 
 
+def unlearning_speed(steps: int, budget: int, reached: bool) -> float:
+    """``1 - steps / budget`` if the unlearning reached its threshold, else 0: in [0, 1), larger = faster."""
+    return max(0.0, 1.0 - steps / budget) if reached and budget > 0 else 0.0
+
+
 @DETECTORS.register("rnp_label")
 @dataclass(frozen=True)
 class RNPLabel(RNP, Detector):
     name = "rnp_label"  # explicit: the inherited RNP class already carries the name "rnp"
-    description: ClassVar[str] = "RNP backdoor label: the label the unlearned model predicts most; score = its share"
+    description: ClassVar[str] = "RNP backdoor label: the label the unlearned model predicts most; score = unlearning speed"
     paper: ClassVar[str] = "Li et al., Reconstructive Neuron Pruning for Backdoor Defense, ICML 2023, arXiv:2305.14876"
     level: ClassVar[str] = "model"
     settings_from: ClassVar[str | None] = "rnp"
 
+    backdoor_score: Literal["speed", "share"] = param(
+        "speed", doc="is-it-backdoored score: unlearning speed (1 - steps/budget), or the detected label's share (ours)")
+
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> Detection:
         _, label, info = unlearned_label(self, model, clean, ctx)
-        return Detection(label=label, score=info["top_share"], info=info)
+        return Detection(label=label, score=info["speed" if self.backdoor_score == "speed" else "top_share"], info=info)
 
 
 def unlearned_label(rnp: RNP, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> tuple[nn.Module, int, dict]:
@@ -69,6 +87,8 @@ def unlearned_label(rnp: RNP, model: nn.Module, clean: ImageSet, ctx: DefenseCon
     model, the label it predicts most on the defense data, facts for the record)."""
     unlearned, un, *_ = rnp.unlearned(model, clean, ctx)
     facts = histogram_facts(un["predictions"][-1])
-    info = {"predictions": un["predictions"], "unlearn_steps": un["steps"], "unlearn_acc": un["acc"],
-            "unlearn_reached": un["reached"], "top_share": facts["top_share"], "entropy": facts["entropy"]}
+    info = {"predictions": un["predictions"], "unlearn_steps": un["steps"], "unlearn_budget": un["budget"],
+            "unlearn_acc": un["acc"], "unlearn_reached": un["reached"],
+            "speed": unlearning_speed(un["steps"], un["budget"], un["reached"]),
+            "top_share": facts["top_share"], "entropy": facts["entropy"]}
     return unlearned, facts["label"], info

@@ -15,8 +15,8 @@ Procedure:
 3. For comparison, the same optimiser, same label, same budget and seed, against the backdoored
    model alone (``baseline`` tensors).
 
-The answer is the label and, as its score, the share of defense images the unlearned model
-assigns to it (as ``rnp_label``); the harness scores both recovered triggers against the truth:
+The answer is the label and, as its score, the unlearning speed (``rnp_label``'s default
+score); the harness scores both recovered triggers against the truth:
 their ASR on the backdoored model (clean test images of other labels, stamped) and, for a patch
 trigger, the IoU of the mask's top pixels with the pixels the true trigger touches
 (``bench.detect.trigger_scores``). ``tensors``: ``mask``/``pattern`` (guided by the unlearned model)
@@ -70,4 +70,4 @@ class RNPTrigger(RNP, TriggerSearch, Detector):
                 "trigger_steps": guided.steps}
         tensors = {"mask": guided.masks[0], "pattern": guided.patterns[0],
                    "baseline_mask": alone.masks[0], "baseline_pattern": alone.patterns[0]}
-        return Detection(label=label, score=info["top_share"], info=info, tensors=tensors)
+        return Detection(label=label, score=info["speed"], info=info, tensors=tensors)

@@ -24,7 +24,7 @@ from bench.registry import BenchError
 from bench.train import TrainConfig, train
 from defenses import DefenseContext
 from detectors import DETECTORS, Detection, Detector
-from detectors.rnp_label import histogram_facts
+from detectors.rnp_label import histogram_facts, unlearning_speed
 from bench.data import ImageSet
 from test_nc import FAST, K, NO_AUG, TARGET, prototypes
 
@@ -175,10 +175,25 @@ def test_rnp_label_finds_the_target_and_scores_the_backdoored_model_above_the_cl
     # then go to the target; the clean one is still accurate after the 20 steps allowed (its
     # histogram stays near uniform, 0.11), and forced on to 40 steps it spreads over 3 labels (0.59).
     assert bd.info["unlearn_reached"] and bd.info["unlearn_steps"] < cl.info["unlearn_steps"]
-    assert bd.score > 0.8 > cl.score, (bd.score, cl.score)
+    # the default score is the unlearning speed: 1 - steps/budget when the threshold is reached, else 0
+    budget = det.unlearn_epochs * max(1, round(len(clean_data) * (1 - det.holdout) / det.batch_size))
+    assert bd.info["unlearn_budget"] == cl.info["unlearn_budget"] == budget
+    assert bd.score == pytest.approx(1 - bd.info["unlearn_steps"] / budget) and bd.score >= 0.5  # 10 of 20 steps
+    assert cl.score == (0.0 if not cl.info["unlearn_reached"] else pytest.approx(1 - cl.info["unlearn_steps"] / budget))
+    assert bd.score > cl.score
     hist = bd.info["predictions"][-1]
     assert sum(hist) == len(clean_data) and hist[TARGET] == max(hist)
-    assert bd.score == pytest.approx(hist[TARGET] / len(clean_data))
+    # the alternative score: the detected label's share of the last histogram
+    share = make("rnp_label", backdoor_score="share")(models["backdoored"], clean_data, ctx())
+    assert share.label == TARGET and share.score == pytest.approx(hist[TARGET] / len(clean_data)) and share.score > 0.8
+
+
+def test_unlearning_speed():
+    assert unlearning_speed(15, 60, True) == 0.75
+    assert unlearning_speed(60, 60, True) == 0.0
+    assert unlearning_speed(10, 60, False) == 0.0  # never reached the threshold: the slowest
+    with pytest.raises(BenchError, match="backdoor_score"):
+        make("rnp_label", backdoor_score="nosuch")
 
 
 def test_nc_label_names_the_smallest_trigger_and_its_anomaly_index(models, clean_data):
