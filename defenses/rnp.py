@@ -105,10 +105,15 @@ _STAGE1_FIELDS = ("clean_threshold", "unlearn_lr", "unlearn_epochs", "unlearn_mi
 SWEEP: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0, 0.95, 0.05))  # official: 0..0.9 step 0.05
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches ``batches`` cuts an epoch of ``n`` images into."""
+    return max(1, round(n / batch_size))
+
+
 def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     """One shuffled epoch as round(n / batch_size) near-equal index batches (no tiny last batch)."""
     perm = torch.randperm(n, generator=gen)
-    return list(torch.tensor_split(perm, max(1, round(n / batch_size))))
+    return list(torch.tensor_split(perm, batches_per_epoch(n, batch_size)))
 
 
 @torch.no_grad()
@@ -225,7 +230,7 @@ class RNP(Defense):
                 reached = history[-1] <= self.clean_threshold
             if reached:
                 break
-        budget = self.unlearn_epochs * max(1, round(len(data) / self.batch_size))  # the most steps it may take
+        budget = self.unlearn_epochs * batches_per_epoch(len(data), self.batch_size)  # the most steps it may take
         return {"epochs": epoch, "steps": steps, "budget": budget, "acc": history[-1], "reached": reached,
                 "history": history, "predictions": hists}
 
