@@ -86,6 +86,7 @@ from torch import nn
 from bench.config import param
 from bench.data import ImageSet
 from bench.train import autocast, to_input
+from defenses.rnp import batches as epoch_batches
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 
 Tensor = torch.Tensor
@@ -230,8 +231,7 @@ class IBAU(Defense):
         gen = torch.Generator().manual_seed(ctx.seed)
         model = model.to(ctx.device).eval()
         data = clean.to(ctx.device)
-        perm = torch.randperm(len(data), generator=gen).to(ctx.device)
-        parts = torch.tensor_split(perm, max(1, round(len(data) / self.batch_size)))
+        parts = [i.to(ctx.device) for i in epoch_batches(len(data), self.batch_size, gen)]
         batches = [(to_input(data.x[i]), data.y[i]) for i in parts]
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.lr)

@@ -131,7 +131,7 @@ def recalibrate_bn(model: nn.Module, data: ImageSet, batch_size: int = 128) -> N
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
-    for idx in torch.tensor_split(torch.arange(len(data)), max(1, round(len(data) / batch_size))):
+    for idx in torch.tensor_split(torch.arange(len(data)), batches_per_epoch(len(data), batch_size)):
         model(to_input(data.x[idx.to(data.x.device)]))
     for bn, m in zip(bns, saved):
         bn.momentum = m
