@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from bench.data import ImageSet, defense_subset
+from bench.data import ImageSet
 from bench.registry import BenchError
 from defenses.base import DefenseContext
 from detectors.base import Detector
@@ -81,7 +81,7 @@ def base_detect_record(cell: DetectCell, preset: str) -> dict:
 
 def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset: str) -> dict:
     """Run the cell's detector on the cached model and score its answer; return the record."""
-    from bench.grid import load_backdoored, model_dir
+    from bench.grid import defense_data, load_backdoored, model_dir
     from bench.store import read_json
 
     job = cell.job
@@ -90,8 +90,7 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
     rec["truth"]["asr"] = read_json(model_dir(job) / "meta.json")["metrics"]["asr"]  # did the backdoor implant?
     train_set, test_set = ds.load(data_dir)
     model, attack, poison_idx, _ = load_backdoored(job, device)
-    # The same clean subset a defense of this model gets; the poison indices only keep it clean.
-    clean = defense_subset(train_set, cell.run.defense_data, seed=job.seed, exclude=poison_idx)
+    clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)  # exactly what a defense of this model gets
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
                          device=torch.device(device), bf16=job.train.bf16)
     level = cell.detector.level

@@ -257,6 +257,21 @@ def load_backdoored(job: TrainJob, device: str) -> tuple[torch.nn.Module, Attack
     return model.to(device).eval(), attack, poison_idx, TriggeredSet(t["x"], t["y_true"], t["y_target"])
 
 
+def defense_data(train_set: ImageSet, attack: Attack, poison_idx: torch.Tensor, size: float, seed: int) -> ImageSet:
+    """The clean defense data every defense and detector of a model gets: ``size`` images drawn with ``seed``.
+
+    Images the attack relabelled are left out of the pool. A clean-label attack's poisoned
+    images kept their true labels, so their clean originals stay in: leaving them out, as this
+    function did before 2026-12-02, emptied the target class from the defense data (SIG, LC and
+    CTRL at 5-10 % poison nearly all of GTSRB's class 2: 0-5 of 400 unlearning images were class 2
+    instead of ~23), a hint at the target that a real defender's clean data does not carry.
+    Leaving out the relabelled ones still over-represents the target class by 1 / (1 - rate)
+    (1.11x at 10 %); it is kept so that the dirty-label numbers stay reproducible.
+    """
+    exclude = None if attack.clean_label else poison_idx
+    return defense_subset(train_set, size, seed=seed, exclude=exclude)
+
+
 def job_config(job: TrainJob) -> dict:
     return {
         "dataset": {"name": job.dataset.name, **job.dataset.to_dict()},
@@ -278,7 +293,7 @@ def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoo
     rec["seconds"]["train"] = backdoor["train"]["seconds"]
     train_set, test_set = ds.load(data_dir)
     model, attack, poison_idx, triggered = load_backdoored(job, device)
-    clean = defense_subset(train_set, cell.run.defense_data, seed=job.seed, exclude=poison_idx)
+    clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
                          device=torch.device(device), bf16=job.train.bf16)
     t0 = time.perf_counter()

@@ -112,6 +112,29 @@ def test_list_fields_says_what_poison_rate_means():
     assert "badnets.poison_rate (float) = 0.1  fraction of the training set poisoned" in res.output
 
 
+@pytest.mark.parametrize("name", CLEAN + ["badnets"])
+def test_defense_data_keeps_clean_label_targets_and_drops_relabelled_images(name):
+    """Fails if the defense data's classes reveal a clean-label attack's target (the pool used to
+    drop every poisoned index, which emptied the target class), or if relabelled images get in."""
+    from bench.data import defense_subset
+    from bench.grid import defense_data
+
+    train = unbalanced_set()  # 200 images, 13 of the target class 3
+    atk = ATTACKS.get(name)(target=3, poison_rate=1.0 if ATTACKS.get(name).clean_label else 0.3)
+    atk.prepare(K, 3, 32, train, 0)
+    idx = atk.poison(train, seed=4).poison_idx
+    got = defense_data(train, atk, idx, 100, seed=2)
+    assert len(got) == 100
+    if atk.clean_label:
+        assert len(idx) == 13, "every target-class image is poisoned"
+        assert torch.equal(got.x, defense_subset(train, 100, seed=2).x), "drawn as if nothing were poisoned"
+        assert (got.y == 3).sum() >= 3, "the target class is in the defense data at about its share"
+    else:
+        assert torch.equal(got.x, defense_subset(train, 100, seed=2, exclude=idx).x)
+        drawn = {bytes(r.numpy().tobytes()) for r in got.x.flatten(1)}
+        assert not drawn & {bytes(r.numpy().tobytes()) for r in train.x[idx].flatten(1)}, "no relabelled image"
+
+
 # ---------------------------------------------------------------- SIG
 
 
