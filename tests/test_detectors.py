@@ -471,3 +471,12 @@ def test_detectors_take_the_defense_settings_first(tmp_path):
     assert d.unlearn_lr == 0.03, "--set rnp.* reaches the detector"
     spec.overrides["rnp_label"] = {"unlearn_lr": "0.07"}
     assert spec.resolve_all()[1][0].detector.unlearn_lr == 0.07, "its own --set wins"
+
+
+def test_a_preset_sets_detector_fields_and_set_overrides_them():
+    """The demo preset's STRIP uses 25 overlays; --set strip.n_overlays gives the default back."""
+    spec = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=["strip"])
+    assert spec.resolve_all()[1][0].detector.n_overlays == 25
+    assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick", detectors=["strip"]).resolve_all()[1][0].detector.n_overlays == 100
+    spec.overrides["strip"] = {"n_overlays": "100"}
+    assert spec.resolve_all()[1][0].detector.n_overlays == 100
