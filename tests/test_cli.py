@@ -99,9 +99,10 @@ def test_every_preset_field_builds(preset):
     from bench.models import MODELS
     from bench.presets import PRESETS
     from defenses import DEFENSES
+    from detectors import DETECTORS
 
     for comp, values in PRESETS[preset].fields.items():
-        reg = next(r for r in (DATASETS, MODELS, ATTACKS, DEFENSES) if comp in r)
+        reg = next(r for r in (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS) if comp in r)
         built = build(reg.get(comp), {}, **values)
         assert all(getattr(built, k) == v for k, v in values.items())
 
