@@ -65,7 +65,7 @@ def truth(attack) -> dict:
 
 
 def base_detect_record(cell: DetectCell, preset: str) -> dict:
-    from bench.grid import git_revision, job_config, versions
+    from bench.grid import defense_pool, git_revision, job_config, versions
 
     j = cell.job
     return {
@@ -74,7 +74,7 @@ def base_detect_record(cell: DetectCell, preset: str) -> dict:
         "status": "failed", "error": None, "truth": truth(j.attack), "detection": None,
         "seconds": {"detect": None}, "info": {},
         "config": {"preset": preset, **job_config(j), "detector": {"name": cell.detector.name, **cell.detector.to_dict()},
-                   "run": cell.run.to_dict(), "model_key": j.key},
+                   "run": cell.run.to_dict(), "model_key": j.key, "defense_pool": defense_pool(j.attack)},
         "versions": versions(), "git": git_revision(),
     }
 

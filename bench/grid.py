@@ -272,6 +272,13 @@ def defense_data(train_set: ImageSet, attack: Attack, poison_idx: torch.Tensor, 
     return defense_subset(train_set, size, seed=seed, exclude=exclude)
 
 
+def defense_pool(attack: Attack) -> str:
+    """Which images ``defense_data`` draws from, as records store it: ``"unpoisoned"`` (the only
+    rule before 2026-12-02, so a record without the field means it) or ``"all"`` (clean-label
+    attacks since). A cell whose record says otherwise is recomputed on resume."""
+    return "all" if attack.clean_label else "unpoisoned"
+
+
 def job_config(job: TrainJob) -> dict:
     return {
         "dataset": {"name": job.dataset.name, **job.dataset.to_dict()},
@@ -350,6 +357,7 @@ def base_record(cell: Cell, preset: str) -> dict:
             "defense": {"name": cell.defense.name, **cell.defense.to_dict()},
             "run": cell.run.to_dict(),
             "model_key": j.key,
+            "defense_pool": defense_pool(j.attack),
         },
         "versions": versions(),
         "git": git_revision(),
@@ -608,14 +616,16 @@ def _pct(v: float | None) -> str:
 
 def _is_done(rec: dict | None, cell: Cell | DetectCell) -> bool:
     """A removal or detection cell is finished if its record is ok (a detection cell's may also be "not
-    applicable") and was made with the same model, the same defense or detector config and run config."""
+    applicable") and was made with the same model, the same defense or detector config, run config and
+    defense-data pool."""
     kind, comp = ("defense", cell.defense) if isinstance(cell, Cell) else ("detector", cell.detector)
     if rec is None or rec.get("status") not in ("ok", *(() if kind == "defense" else (NOT_APPLICABLE,))):
         return False
     cfg = rec.get("config", {})
     want = json.loads(json.dumps({  # as the record stores them (tuples become lists)
         kind: {"name": comp.name, **comp.to_dict()}, "run": cell.run.to_dict()}))
-    return cfg.get("model_key") == cell.job.key and cfg.get(kind) == want[kind] and cfg.get("run") == want["run"]
+    return (cfg.get("model_key") == cell.job.key and cfg.get(kind) == want[kind] and cfg.get("run") == want["run"]
+            and cfg.get("defense_pool", "unpoisoned") == defense_pool(cell.job.attack))
 
 
 def _parallel(fn: Callable, arglist: list[tuple], jobs: int, threads: int):

@@ -241,3 +241,17 @@ def test_defense_tensors_are_saved_with_the_cell_and_shown_in_the_gallery(tmp_pa
     img, caption = shown[("synthetic", "badnets")]
     assert caption == "label 0, |m| 0" and float(img.sum()) == 0  # label 0 has the smallest norm (0 + 0)
     assert "gallery.png" in write_reports(run)
+
+
+def test_a_record_made_with_the_old_defense_pool_is_redone_for_clean_label_attacks_only():
+    """Records before 2026-12-02 have no ``defense_pool``: their defense data left out every poisoned
+    image. That changed only for clean-label attacks, so only their cells are recomputed on resume."""
+    from bench.grid import _is_done, base_record
+
+    cells = GridSpec(attacks=["badnets", "sig"], defenses=["none"], preset="demo", overrides=TINY).resolve()
+    for cell in cells:
+        rec = base_record(cell, "demo")
+        rec["status"] = "ok"
+        assert _is_done(rec, cell), "a record of the current code is finished"
+        del rec["config"]["defense_pool"]
+        assert _is_done(rec, cell) == (cell.job.attack.name == "badnets")
