@@ -268,7 +268,7 @@ def defense_data(train_set: ImageSet, attack: Attack, poison_idx: torch.Tensor, 
     Leaving out the relabelled ones still over-represents the target class by 1 / (1 - rate)
     (1.11x at 10 %); it is kept so that the dirty-label numbers stay reproducible.
     """
-    exclude = None if attack.clean_label else poison_idx
+    exclude = None if defense_pool(attack) == "all" else poison_idx
     return defense_subset(train_set, size, seed=seed, exclude=exclude)
 
 
