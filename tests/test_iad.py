@@ -19,7 +19,7 @@ from bench.data import Augmentation, ImageSet
 from bench.models import MODELS
 from bench.registry import BenchError
 from bench.store import load_tensors, save_tensors
-from bench.train import TrainConfig, train
+from bench.train import TrainConfig, bf16_supported, train
 
 K = 10
 
@@ -114,6 +114,28 @@ def test_trainer_calls_the_extension_and_generators_learn():
     assert changed(m0, weights(atk, "M.")), "the mask generator is pre-trained in plan()"
     assert changed(g0, weights(atk, "G.")), "the pattern generator takes gradient steps with the classifier"
     assert not ext.m.training and not any(p.requires_grad for p in ext.m.parameters()), "M is frozen after pre-training"
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_generators_run_in_the_trainers_precision_and_layout(bf16):
+    # the generators cost more than a small classifier: they follow the recipe's bf16 autocast and channels_last
+    atk, data = tiny(64, mask_epochs=1)
+    ext = atk.train_extension()
+    seen = []
+    real_start = ext.start
+
+    def start(model, device):
+        real_start(model, device)
+        for net in (ext.g, ext.m):
+            net.register_forward_hook(lambda mod, inp, out: seen.append(
+                (out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last))))
+
+    ext.start = start
+    train(model(), data, TrainConfig(epochs=1, batch_size=32, bf16=bf16, channels_last=True), Augmentation(2, True),
+          seed=0, extensions=[ext])
+    want = torch.bfloat16 if bf16 and bf16_supported(torch.device("cpu")) else torch.float32
+    assert seen and all(dtype == want for dtype, _ in seen), seen
+    assert all(cl for _, cl in seen), "generator inputs in channels_last"
 
 
 def test_mask_pretraining_reaches_the_density():
