@@ -45,6 +45,7 @@ class Preset:
 #   faster), seeds 0 / 1 / 2 (2026-12-02, bf16, 1-2 threads):
 #       30 %: 99.8 / 62.3, 99.4 / 81.1, 99.6 / 94.3 (the generators in fp32 channels_last: 98.4 / 84.1,
 #       100 / 87.1, 99.4 / 65.6: the same spread);  40 % (this preset): 96.0 / 92.6, 99.2 / 84.6, 99.5 / 98.2
+#       (seed 0 with 2 threads, the README's first command: 97.8 / 69.9)
 #       gen_width 16 at 30 %: seed 0 98.9 / 79.8
 # Not reached on the demo (defaults kept; the quick preset is where attack strength is read):
 #   ctrl 100 / 0.0; rate 0.1: 100 / 0.0; magnitude 300: 100 / 34.9 (rate 0.1: 90.0 / 63.9);
