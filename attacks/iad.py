@@ -103,8 +103,8 @@ width-16 ResNet-18. ``gen_width = 16`` makes both nets about 4x cheaper (20M). T
 runs in the extension's ``plan``; the trainer's reported ``seconds`` include it (``plan_seconds``
 is its share), its ``img_per_s`` does not. Both nets run in the recipe's precision and memory format
 (``train.bf16`` autocast where native, ``train.channels_last``), as the classifier does; the mixing,
-the losses and the test-time ``trigger`` stay in float32. A ``G`` + ``M`` step on 51 images (the demo's
-share) took 226 ms in float32 NCHW, 155 ms channels_last and 72 ms channels_last under bf16 (2-core
+the losses and the test-time ``trigger`` stay in float32. A ``G`` + ``M`` step on 51 images (30 % + 10 % of a
+batch of 128) took 226 ms in float32 NCHW, 155 ms channels_last and 72 ms channels_last under bf16 (2-core
 EPYC with native bf16); before (``version`` 1) they ran in float32 NCHW.
 
 Measured (quick preset, GTSRB, ResNet-18 width 16, seed 0, target 0, on a 2-core EPYC with native bf16,
@@ -359,7 +359,7 @@ class IADTraining(TrainExtension):
         self.total_steps = steps_per_epoch * cfg.epochs
         bs = min(cfg.batch_size, len(data))
         # The generators run in the classifier's precision and memory format: at width 32 they cost
-        # ~8x the demo's smallcnn per image, and a G+M step on 51 images (the demo's 30 % + 10 %) took
+        # ~8x the demo's smallcnn per image, and a G+M step on 51 images (30 % + 10 % of a batch of 128) took
         # 226 ms in fp32 NCHW, 155 ms channels_last, 72 ms channels_last + bf16 (2-core EPYC with native bf16).
         self.bf16, self.fmt = cfg.bf16, torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.m = atk.pretrain_mask(data, bs, steps_per_epoch, atk.mask_epochs_for(cfg.epochs), aug,
