@@ -144,7 +144,7 @@ class GridSpec:
                 if name in reg:
                     make(reg, name)
         tcfg = build(TrainConfig, ov("train"), **dataclasses.asdict(p.train))
-        run = build(RunConfig, ov("run"), defense_data=p.defense_data)
+        run = build(RunConfig, ov("run"), **{"defense_data": p.defense_data, **fields("run")})
         datasets = [make(DATASETS, d) for d in (self.datasets or [p.dataset])]
         models = [make(MODELS, m) for m in (self.models or [p.model])]
         atks = [make(ATTACKS, a) for a in self.attacks]
@@ -316,8 +316,11 @@ def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoo
         # Oracle view: the whole operating curve on the TEST sets, for plots only; the defense chose before this.
         curve = []
         sub_clean, sub_trig = _sweep_subsets(test_set, triggered, cell.run.sweep_images)
+        last, point = None, {}
         for setting, m, *extra in result.sweep():  # (setting, model) or (setting, model, {facts})
-            point = evaluate(m, sub_clean, sub_trig, device=device, bf16=job.train.bf16)
+            if m is not last:  # a sweep may yield one model for several settings: evaluated once
+                point = evaluate(m, sub_clean, sub_trig, device=device, bf16=job.train.bf16)
+                last = m
             curve.append({"threshold": float(setting), **(extra[0] if extra else {}), **point})
         rec["info"]["oracle_curve"] = curve
         rec["info"]["oracle_curve_images"] = [len(sub_clean), len(sub_trig)]

@@ -91,7 +91,7 @@ from bench.data import ImageSet, augment
 from bench.registry import BenchError
 from bench.train import autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-from defenses.masks import MaskSet, attach_masks, prune
+from defenses.masks import MaskSet, attach_masks, prune, pruning_sweep
 from defenses.rnp import SWEEP  # the same official grid, 0..0.9 in steps of 0.05
 from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdout
 
@@ -226,9 +226,8 @@ class ANP(Defense):
         pruned, n_pruned = self.pruned(model, masks, threshold)
 
         def sweep() -> Iterator[tuple[float, nn.Module, dict]]:
-            for t in SWEEP:  # (threshold, pruned original model, facts for the harness's curve)
-                m, n = self.pruned(model, masks, t)
-                yield t, m, {"channels_pruned": n}
+            # (threshold, pruned original model, facts for the harness's curve)
+            return pruning_sweep(SWEEP, masks, lambda t: self.pruned(model, masks, t))
 
         info.update(
             select=self.select, threshold=threshold,

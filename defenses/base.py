@@ -9,7 +9,8 @@ threshold, how many channels) comes from the defense data alone.
 A defense may also return ``sweep``: a callable yielding ``(setting, model)`` or
 ``(setting, model, facts_dict)`` over its whole operating curve (RNP: every pruning threshold). The harness evaluates it on
 the test sets after the fact, for plots labelled as an oracle view; it never feeds
-back into the defense's choice.
+back into the defense's choice. Consecutive settings may yield the same model object
+(``defenses.masks.pruning_sweep``: thresholds that prune the same channels); it is evaluated once.
 """
 
 from __future__ import annotations

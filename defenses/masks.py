@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -175,3 +175,20 @@ def prune(model: nn.Module, masks: Mapping[str, torch.Tensor], threshold: float)
             mod.bias[idx] = 0.0
         count += len(idx)
     return count
+
+
+def pruning_sweep(thresholds: Sequence[float], masks: Mapping[str, torch.Tensor],
+                  pruned_at: Callable[[float], tuple[nn.Module, int]]) -> Iterator[tuple[float, nn.Module, dict]]:
+    """A mask-pruning defense's ``sweep``: ``(threshold, pruned model, {"channels_pruned"})`` per threshold.
+
+    Consecutive thresholds that prune the same channels (the rule of :func:`prune`) yield the same
+    model object, built once by ``pruned_at``; the harness evaluates such a run of settings once.
+    """
+    last, model, n = None, None, 0
+    for t in thresholds:
+        chosen = tuple(tuple((torch.as_tensor(v) <= t).nonzero().flatten().tolist()) for v in masks.values())
+        if chosen != last:
+            model, n = pruned_at(t)
+            last = chosen
+        yield t, model, {"channels_pruned": n}
+

@@ -84,12 +84,17 @@ def md_rows(md: str) -> dict[str, list[str]]:
     return {cells[0].strip("*"): cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in rows[2:])}
 
 
-def test_clean_row_through_grid_records_tables_plots_and_cli(tmp_path):
+def test_clean_row_through_grid_records_tables_plots_and_cli(tmp_path, monkeypatch):
     """clean beside an attack: records store null ASR/RA, the tables show "-", the Average skips it, plots survive."""
     base = GridSpec(attacks=["clean", "badnets"], defenses=["none"], overrides=TINY, preset="demo").resolve()
     cells = base + [dataclasses.replace(c, defense=Sweeper()) for c in base]
     run = tmp_path / "run"
+    evaluated: list[int] = []  # sizes of the clean sets evaluated: the cell's test set, or the sweep's subset
+    real_evaluate = grid.evaluate
+    monkeypatch.setattr(grid, "evaluate", lambda m, c, t, **k: (evaluated.append(len(c)), real_evaluate(m, c, t, **k))[1])
     recs = run_grid(cells, run, **QUIET)
+    # Sweeper's two settings yield one model object: the harness evaluates it once per sweeper cell.
+    assert len(evaluated) == 2 + 4 + 2  # two trained models, four cells, one sweep evaluation per sweeper cell
     assert all(r["status"] == "ok" for r in recs)
     raw = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
     for r in raw:

@@ -101,9 +101,11 @@ def test_every_preset_field_builds(preset):
     from defenses import DEFENSES
     from detectors import DETECTORS
 
+    from bench.grid import RunConfig
+
     for comp, values in PRESETS[preset].fields.items():
-        reg = next(r for r in (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS) if comp in r)
-        built = build(reg.get(comp), {}, **values)
+        cls = RunConfig if comp == "run" else next(r for r in (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS) if comp in r).get(comp)
+        built = build(cls, {}, **values)
         assert all(getattr(built, k) == v for k, v in values.items())
 
 

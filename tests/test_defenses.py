@@ -21,7 +21,7 @@ from bench.registry import BenchError
 from bench.train import TrainConfig, accuracy, to_input, train
 from defenses import DEFENSES, DefenseContext, DefenseResult
 from defenses.fp import FinePruning, head_features, last_linear
-from defenses.masks import attach_masks, prune
+from defenses.masks import attach_masks, prune, pruning_sweep
 from defenses.rnp import RNP, SWEEP, batches, recalibrate_bn
 from defenses.select import TOL
 
@@ -198,6 +198,25 @@ def test_rnp_sweep_is_the_official_grid(model, rnp_run):
     counts = [sum(int((m.get_submodule(n).weight == 0).sum()) for n in res.info["masks"]) for _, m, _ in points]
     assert counts == [facts["channels_pruned"] for *_, facts in points]
     assert counts == sorted(counts) and counts[SWEEP.index(0.2)] == res.info["channels_pruned"]
+
+
+def test_pruning_sweep_builds_one_model_per_distinct_channel_set():
+    masks = {"a": torch.tensor([0.25, 0.0625, 0.875]), "b": torch.tensor([0.375, 1.0])}
+    built: list[float] = []
+
+    def pruned_at(t):
+        built.append(t)
+        return nn.Identity(), sum(int((m <= t).sum()) for m in masks.values())
+
+    thresholds = (0.07, 0.1, 0.25, 0.3, 0.375, 0.5)
+    points = list(pruning_sweep(thresholds, masks, pruned_at))
+    # Pruned sets (mask <= t, as prune()): {a1}, {a1}, {a0, a1}, {a0, a1}, {a0, a1, b0}, {a0, a1, b0}.
+    assert built == [0.07, 0.25, 0.375]
+    assert [t for t, *_ in points] == list(thresholds)
+    assert [f["channels_pruned"] for *_, f in points] == [1, 1, 2, 2, 3, 3]
+    models = [m for _, m, _ in points]
+    assert models[0] is models[1] and models[2] is models[3] and models[4] is models[5]
+    assert len({id(m) for m in models}) == 3
 
 
 @pytest.mark.parametrize("measure", ["accuracy", "probability"])

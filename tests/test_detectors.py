@@ -473,10 +473,14 @@ def test_detectors_take_the_defense_settings_first(tmp_path):
     assert spec.resolve_all()[1][0].detector.unlearn_lr == 0.07, "its own --set wins"
 
 
-def test_a_preset_sets_detector_fields_and_set_overrides_them():
-    """The demo preset's STRIP uses 25 overlays; --set strip.n_overlays gives the default back."""
+def test_a_preset_sets_detector_and_run_fields_and_set_overrides_them():
+    """The demo preset's STRIP uses 10 overlays and its sweep 500 images; --set gives the defaults back."""
     spec = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=["strip"])
-    assert spec.resolve_all()[1][0].detector.n_overlays == 25
+    cells, det = spec.resolve_all()
+    assert det[0].detector.n_overlays == 10 and cells[0].run.sweep_images == 500 and cells[0].run.defense_data == 500
+    assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick").resolve()[0].run.sweep_images == 2000
+    spec.overrides["run"] = {"sweep_images": "0"}
+    assert spec.resolve_all()[0][0].run.sweep_images == 0
     assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick", detectors=["strip"]).resolve_all()[1][0].detector.n_overlays == 100
     spec.overrides["strip"] = {"n_overlays": "100"}
     assert spec.resolve_all()[1][0].detector.n_overlays == 100
