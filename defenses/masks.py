@@ -160,6 +160,11 @@ def _as_channels(c: torch.Tensor | float, y: torch.Tensor) -> torch.Tensor | flo
     return c.view(1, -1, 1, 1).to(y.dtype) if isinstance(c, torch.Tensor) else c
 
 
+def pruned_channels(mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the channels a threshold prunes: those whose mask is <= ``threshold``."""
+    return (torch.as_tensor(mask) <= threshold).nonzero().flatten()
+
+
 @torch.no_grad()
 def prune(model: nn.Module, masks: Mapping[str, torch.Tensor], threshold: float) -> int:
     """Zero, in place, the BN weight (or conv output channel) of every channel whose mask is <= ``threshold``.
@@ -169,7 +174,7 @@ def prune(model: nn.Module, masks: Mapping[str, torch.Tensor], threshold: float)
     count = 0
     for name, mask in masks.items():
         mod = model.get_submodule(name)
-        idx = (torch.as_tensor(mask) <= threshold).nonzero().flatten().to(mod.weight.device)
+        idx = pruned_channels(mask, threshold).to(mod.weight.device)
         mod.weight[idx] = 0.0
         if isinstance(mod, nn.Conv2d) and mod.bias is not None:
             mod.bias[idx] = 0.0
@@ -186,9 +191,8 @@ def pruning_sweep(thresholds: Sequence[float], masks: Mapping[str, torch.Tensor]
     """
     last, model, n = None, None, 0
     for t in thresholds:
-        chosen = tuple(tuple((torch.as_tensor(v) <= t).nonzero().flatten().tolist()) for v in masks.values())
+        chosen = tuple(tuple(pruned_channels(v, t).tolist()) for v in masks.values())
         if chosen != last:
             model, n = pruned_at(t)
             last = chosen
         yield t, model, {"channels_pruned": n}
-

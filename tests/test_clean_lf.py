@@ -89,7 +89,7 @@ def test_clean_row_through_grid_records_tables_plots_and_cli(tmp_path, monkeypat
     base = GridSpec(attacks=["clean", "badnets"], defenses=["none"], overrides=TINY, preset="demo").resolve()
     cells = base + [dataclasses.replace(c, defense=Sweeper()) for c in base]
     run = tmp_path / "run"
-    evaluated: list[int] = []  # sizes of the clean sets evaluated: the cell's test set, or the sweep's subset
+    evaluated: list[int] = []  # one entry (the clean set's size) per evaluate() call
     real_evaluate = grid.evaluate
     monkeypatch.setattr(grid, "evaluate", lambda m, c, t, **k: (evaluated.append(len(c)), real_evaluate(m, c, t, **k))[1])
     recs = run_grid(cells, run, **QUIET)
