@@ -11,8 +11,8 @@
   few steps on synthetic images (batch 128), times 3x the forward FLOPs per image
   (conv and linear MACs counted by forward hooks, 2 FLOPs each; a training step is
   about 3 forward passes), over the matmul peak of the dtype the trainer uses.
-- ``rnp_seconds``: the RNP defense with its defaults on a demo-scale model (smallcnn
-  width 16, trained briefly on synthetic data) and 100 clean images.
+- ``rnp_seconds``: the RNP defense with its defaults on a demo-scale model (smallcnn at
+  the demo's width, trained briefly on synthetic data) and 100 clean images.
 
 Everything runs on one device: CUDA when there is one, else the CPU (the torchvision
 pipeline always runs on the CPU, as it would in a DataLoader). ``quick=True`` shrinks
@@ -214,7 +214,7 @@ def rnp_time(device: torch.device, quick: bool) -> float | None:
         return None
     ds = Synthetic(n_train=128 if quick else 2000, n_test=10)
     train_set, _ = ds.load()
-    model = MODELS.get("smallcnn")(width=16).build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=0)
+    model = MODELS.get("smallcnn")(width=_preset_width("demo", "smallcnn")).build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=0)
     # A trained model, so that RNP's unlearning has accuracy to remove (it stops at <= 20%).
     train(model, train_set, TrainConfig(epochs=1 if quick else 3), ds.augmentation, seed=0, device=device)
     clean = defense_subset(train_set, 100, seed=0)
@@ -300,7 +300,8 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append("seconds")
     rnp = result.get("rnp_seconds")
-    lines.append(f"  {'rnp defense (smallcnn w16, 100 images)':<34}" + (f"{rnp:>14.2f} s" if rnp is not None else f"{'not registered':>14}"))
+    rnp_label = f"rnp defense (smallcnn w{_preset_width('demo', 'smallcnn')}, 100 images)"
+    lines.append(f"  {rnp_label:<34}" + (f"{rnp:>14.2f} s" if rnp is not None else f"{'not registered':>14}"))
     lines.append(f"  {'total':<34}{result['total_seconds']:>14.1f} s")
     busy = [x for x in (result.get("load_before"), result.get("load_after")) if x is not None]
     if busy and result.get("cpus") and max(busy) > 0.75 * result["cpus"]:

@@ -467,17 +467,17 @@ def test_detectors_take_the_defense_settings_first(tmp_path):
                     overrides={"rnp": {"unlearn_lr": "0.03"}})
     _, det = spec.resolve_all()
     d = det[0].detector
-    assert d.clean_threshold == 0.3 and d.select == "auto", "the demo preset's rnp fields"
+    assert d.clean_threshold == 0.5 and d.select == "auto", "the demo preset's rnp fields"
     assert d.unlearn_lr == 0.03, "--set rnp.* reaches the detector"
     spec.overrides["rnp_label"] = {"unlearn_lr": "0.07"}
     assert spec.resolve_all()[1][0].detector.unlearn_lr == 0.07, "its own --set wins"
 
 
 def test_a_preset_sets_detector_and_run_fields_and_set_overrides_them():
-    """The demo preset's STRIP uses 10 overlays and its sweep 500 images; --set gives the defaults back."""
+    """The demo preset's STRIP uses 10 overlays and its sweep 200 images; --set gives the defaults back."""
     spec = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=["strip"])
     cells, det = spec.resolve_all()
-    assert det[0].detector.n_overlays == 10 and cells[0].run.sweep_images == 500 and cells[0].run.defense_data == 500
+    assert det[0].detector.n_overlays == 10 and cells[0].run.sweep_images == 200 and cells[0].run.defense_data == 500
     assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick").resolve()[0].run.sweep_images == 2000
     spec.overrides["run"] = {"sweep_images": "0"}
     assert spec.resolve_all()[0][0].run.sweep_images == 0
