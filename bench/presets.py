@@ -85,7 +85,7 @@ class Preset:
 # The attacks at width 8, CA / ASR in %, seeds 0 / 1 / 2 (bf16, 2 threads, `--set smallcnn.width=8`):
 #   adaptive_blend 99.9 / 87.9, 100 / 92.2, 99.9 / 91.9;  badnets 100 / 100 on all;  blend 99.9 / 90.4,
 #   99.7 / 91.4, 99.7 / 89.2;  bpp 99.9 / 89.0, 99.7 / 94.7, 99.9 / 81.4;  iad 99.2 / 95.2, 99.5 / 90.8,
-#   98.3 / 92.1;  sig 99.6 / 84.8, 99.8 / 97.9, 99.2 / 99.7;  trojan 100 / 99.4, 100 / 99.9, 100 / 99.9;
+#   98.3 / 92.1 (40 %, generators of width 16);  sig 99.6 / 84.8, 99.8 / 97.9, 99.2 / 99.7;  trojan 100 / 99.4, 100 / 99.9, 100 / 99.9;
 #   wanet 100 / 94.8, 99.9 / 96.7, 100 / 72.9;  lc 99.9 / 0.0, 98.3 / 11.4, 99.9 / 5.3
 #   ctrl at magnitude 1000 (width 16's setting): 99.4 / 82.9, 99.8 / 67.2, 99.1 / 72.8
 #       magnitude 1500: 99.2 / 84.7, 100 / 72.9, 97.9 / 88.0 (fp32 under AVX2: 99.6 / 75.1, 99.6 / 72.2, 99.4 / 82.4)
@@ -163,8 +163,9 @@ PRESETS: dict[str, Preset] = {
         #   clean_threshold 0.3 (width 16's setting):        12 of 30, 89.9, 49.2 (Blend seed 0: 18 masks at 0)
         #   0.3 with max_acc_drop 0.10:                      11 of 30, 87.2, 49.2
         #   0.4 with max_acc_drop 0.10:                      16 of 30, 91.0, 62.0
-        #   0.5 (this preset):                               16 of 30, 94.9, 84.6 (with this preset's ctrl and lf
-        #                                                    models: 18 of 30, 95.5, 91.1)
+        #   0.5 (this preset):                               16 of 30, 94.9, 84.6 (with ctrl at magnitude 1500
+        #                                                    and lf at 0.4 instead: 18 of 30, 95.5, 91.1)
+        # (the models: lf at amplitude 0.3, ctrl at magnitude 1000, iad at 40 % with generators of width 16)
         #   0.5 with max_acc_drop 0.10:                      17 of 30, 93.0, 84.6
         #   0.5 with select_measure=probability, 3 points:   12 of 30, 97.0, 84.6
         # At 0.3 unlearning went far enough on this narrower net that recovering stalled (defense-data
@@ -193,12 +194,16 @@ PRESETS: dict[str, Preset] = {
         #   (* all twelve cells, beside other jobs.) `--set strip.n_overlays=100` restores the default.
         #   At 25 the demo's `--detect all` took 7 min 4 s from an empty cache (idle), over issue 8's 6 minutes;
         #   10 was one of the cuts that brought it under (README, *Measured*).
+        # Neural Cleanse's label detector searches 5 epochs per label here instead of 10: it was the largest
+        # part of `--detect all` on the width-8 demo (112 of 175 s; 2026-12-03, bf16, fresh clone, seed-0
+        # models). At 10: target found on 6 of 11 backdoored models, AUROC 0.45, 9.3 s a model; at 5 (same
+        # models, `--detect nc_label --set nc_label.epochs=5`): 6 of 11, AUROC 0.55, 4.8 s.
         # The oracle pruning curve (plots only) is evaluated on 200 images of each test set instead of
         # all (1,000 clean, 900 triggered here): 500 halved the cost of the 19 evaluations per RNP cell at
         # width 16 (4-5.5 s a cell without bf16), 200 took it to ~1-2 s.
         fields={"synthetic": {"n_train": 5000, "n_test": 1000}, "smallcnn": {"width": 8},
                 "rnp": {"select": "auto", "recalibrate_bn": True, "clean_threshold": 0.5},
-                "strip": {"n_overlays": 10}, "run": {"sweep_images": 200},
+                "strip": {"n_overlays": 10}, "nc_label": {"epochs": 5}, "run": {"sweep_images": 200},
                 **DEMO_ATTACK_STRENGTH},
     ),
     "quick": Preset(
