@@ -79,7 +79,7 @@ class Preset:
 # 2026-12-03: the demo model went from width 16 to width 8 (issue 7: the README's first command within 6
 # minutes on a 2-core CPU without native bf16; at width 16 it took 7 min 52 s and 10 min 14 s on two such
 # runs, instruction set limited to AVX2, the training alone 5 min 45 s and 6 min 56 s). Width 8 trains a
-# demo model in 12-17 s there instead of 21-33 s (3,300-4,000 img/s against 1,600-1,850; width 12 is
+# demo model in 12-17 s there instead of 21-33 s (about 3,300-4,000 img/s against 1,600-1,850, measured on two sessions' EPYCs; width 12 is
 # slower than 16 under oneDNN's channel blocking, 1,314 img/s). Training fewer epochs was tried first and
 # rejected: at 6 epochs (width 16, bf16, seed 0) blend 71.4, bpp 57.2, lf 43.4, wanet 78.7.
 # The attacks at width 8, CA / ASR in %, seeds 0 / 1 / 2 (bf16, 2 threads, `--set smallcnn.width=8`):
