@@ -210,8 +210,9 @@ PRESETS: dict[str, Preset] = {
         # at 5: adaptive_blend 45.1 / 98.7 -> 56.7 / 98.9, badnets 61.2 / 100 -> 69.6 / 100, blend 81.0 / 99.3
         # -> 86.4 / 99.4, bpp 67.4 / 99.9 -> 75.8 / 100, iad 95.2 / 99.9 -> 97.9 / 100, lf 44.2 / 97.8 -> 55.8
         # / 99.0, trojan 24.8 / 99.9 -> 24.3 / 100, sig 0.0 / 97.3 -> 0.0 / 98.4, wanet 1.1 / 97.4 -> 0.0 /
-        # 98.8: the baseline keeps its triggers, and the guided search, whose mask NC's cost keeps shrinking
-        # while the unlearned model already sends most images to the label, loses less at 5 than at 10.
+        # 98.8: the baseline keeps its triggers, and the guided search loses less at 5 than at 10. At 5 NC's
+        # cost cannot move (it moves after `patience` = 5 epochs in a row), so the search runs at its
+        # initial cost; at 10 it can double once the unlearned model is fooled, and the mask shrinks.
         # The oracle pruning curve (plots only) is evaluated on 200 images of each test set instead of
         # all (1,000 clean, 900 triggered here): 500 halved the cost of the 19 evaluations per RNP cell at
         # width 16 (4-5.5 s a cell without bf16), 200 took it to ~1-2 s.
