@@ -131,6 +131,7 @@ DEMO_ATTACK_STRENGTH: dict[str, dict] = {
 #       epochs WaNet varies a lot from model to model, seeds 1 and 2 at the defaults gave 8.6 and 36.0);
 #       s 2.0 with 20 % of each batch: 94.1 / 93.2 (CA 3.1 below the clean model)
 #       s 2.0 with 15 % of each batch (2026-12-03, idle, 338 s): 95.9 / 87.8 (lower than at 10 %)
+#       s 2.0 with cross_ratio 1 (half the noise-warped samples; 2026-12-03, 197 s): 96.0 / 73.5
 #   bpp at its defaults (8 levels):            96.5 / 74.7;  12 epochs: 98.0 / 99.0
 #       4 levels (this preset):                96.5 / 94.5
 #   sig at its defaults (0.1 = all 2,250 class-2 images, delta 40): 91.6 / 95.8 (clean class 2 lost)
