@@ -46,6 +46,21 @@ def _default_preset(device: str) -> str:
     return "paper" if device == "cuda" else "quick"
 
 
+def _jobs(value: int | str, device: str) -> int:
+    """``--jobs``: a whole number >= 1, or ``auto`` (``bench.grid.auto_jobs``)."""
+    from bench.grid import auto_jobs
+
+    if str(value).strip().lower() == "auto":
+        return auto_jobs(device)
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise BenchError(f"--jobs {value!r} is not a count; allowed: a whole number >= 1, or auto") from None
+    if n < 1:
+        raise BenchError(f"--jobs {n} must be >= 1 (or auto)")
+    return n
+
+
 def _device(value: str) -> str:
     import torch
 
@@ -79,7 +94,8 @@ def main() -> None:
 @click.option("--model", default=None, help="comma list of models (default: the preset's)")
 @click.option("--preset", default=None, help="demo | quick | paper (default: paper on a CUDA machine, else quick)")
 @click.option("--seeds", default="0", show_default=True, help="comma list or range of seeds, e.g. 0,1,2 or 0-2")
-@click.option("--jobs", default=1, show_default=True, type=int, help="cells run in parallel (local processes)")
+@click.option("--jobs", default=None, help="cells run in parallel (local processes): a count, or auto (one per CPU core, "
+              "one thread each; 1 on CUDA); default: the preset's (demo auto, others 1)")
 @click.option("--out", default=None, help="run folder (default: results/<preset>-<grid hash>); rerunning resumes it")
 @click.option("--data-dir", default=None, help="data root (default: $BENCH_DATA_DIR, else the user cache)")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -105,8 +121,7 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
         click.echo(f"no --preset given: using '{preset}' ({'CUDA found' if dev == 'cuda' else 'no CUDA device'})")
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    if jobs < 1:
-        raise BenchError(f"--jobs {jobs} must be >= 1")
+    jobs = _jobs(PRESETS[preset].jobs if jobs is None else jobs, dev)
     defs = _split(defense, DEFENSES, "defense")
     if "none" in DEFENSES and "none" not in defs:
         defs = ["none", *defs]
@@ -181,7 +196,7 @@ def list_(what, fields) -> None:
             if fields:  # what the preset sets: data, model, recipe, and every component field it changes
                 t = p.train
                 click.echo(f"{'':12s}dataset {p.dataset}, model {p.model}, defense data {p.defense_data:g}; train: "
-                           f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, {t.schedule}")
+                           f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, {t.schedule}; jobs {p.jobs}")
                 for comp, values in p.fields.items():
                     for fname, value in values.items():
                         click.echo(f"{'':12s}{comp}.{fname} = {value!r}")

@@ -16,7 +16,8 @@
   run killed at any moment resumes on rerun: finished cells are skipped, cached
   models are reused, and no cell is written twice.
 - Cells run in parallel with joblib (local processes); torch threads are split
-  among the workers. A failing cell is recorded with its error; the rest go on.
+  among the workers (``--jobs auto``: one process per core, one thread each). A failing
+  cell is recorded with its error; the rest go on.
 """
 
 from __future__ import annotations
@@ -298,6 +299,7 @@ def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoo
     rec = base_record(cell, preset)
     rec["backdoor"] = backdoor["metrics"]
     rec["seconds"]["train"] = backdoor["train"]["seconds"]
+    rec["train_threads"] = backdoor["train"].get("threads")  # CPU threads the model trained with (None: GPU, or not recorded)
     train_set, test_set = ds.load(data_dir)
     model, attack, poison_idx, triggered = load_backdoored(job, device)
     clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)
@@ -400,6 +402,19 @@ def git_revision() -> str | None:
 
 
 # ---------------------------------------------------------------- the run
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may use (its affinity where the OS tells it, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_jobs(device: str) -> int:
+    """``--jobs auto``: one worker process per CPU core on the CPU, one on CUDA (the workers would share the GPU)."""
+    return 1 if device == "cuda" else cpu_cores()
 
 
 def _worker(fn: Callable, threads: int, *args) -> Any:
@@ -521,7 +536,7 @@ def run_grid(
         # Clean reference models first (the grid's own clean rows among them), so that attacks
         # that need one, run in parallel afterwards, all load it from the cache: trained once.
         refs = {r.key: r for r in (reference_job(j) for j in jobs_by_key.values() if j.attack.needs_clean_model)}
-        threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+        threads = max(1, cpu_cores() // max(1, jobs))
         backdoors = {}
         failed_jobs = {}
         ref_errors: dict[str, str] = {}
@@ -635,10 +650,21 @@ def _is_done(rec: dict | None, cell: Cell | DetectCell) -> bool:
 
 
 def _parallel(fn: Callable, arglist: list[tuple], jobs: int, threads: int):
-    """Yield ``fn(*args)`` for each args, in completion order; in-process when ``jobs == 1``."""
+    """Yield ``fn(*args)`` for each args, in completion order; in-process when ``jobs == 1``.
+
+    A lone job of a parallel grid runs in-process too, but with the workers' thread count: CPU
+    results depend on it, so a model must not come out differently because it happened to be
+    trained alone (the clean reference stage, a one-attack grid) instead of beside others.
+    """
     if jobs <= 1 or len(arglist) <= 1:
-        for args in arglist:
-            yield fn(*args)
+        before = torch.get_num_threads()
+        if jobs > 1:
+            torch.set_num_threads(threads)
+        try:
+            for args in arglist:
+                yield fn(*args)
+        finally:
+            torch.set_num_threads(before)
         return
     from joblib import Parallel, delayed
 

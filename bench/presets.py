@@ -21,6 +21,9 @@ class Preset:
     defense_data: float  # a fraction of the training set if < 1, else a count of images
     # Preset-level field values per component, e.g. {"synthetic": {"n_train": 5000}, "resnet18": {"width": 16}}.
     fields: dict[str, dict] = field(default_factory=dict)
+    # `bench run`'s default --jobs for this preset: a count, or "auto" (one worker process per CPU
+    # core, one torch thread each; 1 on CUDA).
+    jobs: int | str = 1
 
 
 # Attack strength on the demo's synthetic set. Ten easy shape classes, 500 images each, 10 epochs:
@@ -221,6 +224,13 @@ PRESETS: dict[str, Preset] = {
                 "rnp": {"select": "auto", "recalibrate_bn": True, "clean_threshold": 0.5},
                 "strip": {"n_overlays": 10}, "nc_label": {"epochs": 5}, "rnp_trigger": {"epochs": 5},
                 "run": {"sweep_images": 200}, **DEMO_ATTACK_STRENGTH},
+        # One worker process per core, one thread each. A width-8 smallcnn step is too small for two
+        # threads to share: on a 2-core EPYC without native bf16 (fp32, AVX2; 2026-12-03, a
+        # micro-benchmark of training steps at batch 128) one process ran 2,300-2,700 img/s with two
+        # threads and 2,300-2,500 with one, and two one-thread processes side by side 4,300 together.
+        # The README's first command from a fresh clone with an empty cache took 7 min 10 s with
+        # --jobs 1 and 4 min 52 s with 2 there (README, *Measured*).
+        jobs="auto",
     ),
     "quick": Preset(
         name="quick",

@@ -189,6 +189,8 @@ def train(
         # mask generator) included; "img_per_s" stays the loop's own rate.
         stats["plan_seconds"] = plan_seconds
         stats["seconds"] += plan_seconds
+        # CPU float reductions, and so the trained weights, depend on the thread count: record it.
+        stats["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     finally:
         for ext in extensions:
             ext.end(model)

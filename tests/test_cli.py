@@ -19,6 +19,7 @@ TINY = ["--set", "synthetic.n_train=300", "--set", "synthetic.n_test=100", "--se
     (["--preset", "fast"], "unknown preset 'fast'; allowed: demo, quick, paper"),
     (["--seeds", "a,b"], "--seeds 'a,b' is not a list of integers"),
     (["--jobs", "0"], "--jobs 0 must be >= 1"),
+    (["--jobs", "many"], "--jobs 'many' is not a count; allowed: a whole number >= 1, or auto"),
     (["--set", "rnp.clean_threshold=1.5"], "rnp.clean_threshold=1.5 is out of range; allowed: [0, 1]"),
     (["--set", "rnp.clean_thresh=0.3"], "rnp has no field 'clean_thresh'"),
     (["--set", "badnets.poison_rate=lots"], "badnets.poison_rate='lots' is not a valid float"),

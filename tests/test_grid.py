@@ -176,6 +176,35 @@ def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path):
         assert b["status"] == "ok" and a["metrics"] == b["metrics"]  # same seed, same result, whatever the process
 
 
+def test_a_lone_job_of_a_parallel_grid_trains_with_the_workers_thread_count(tmp_path):
+    # CPU results depend on the thread count, so a model of a --jobs N grid must train with the
+    # workers' count even when it is the only job of its stage (run in-process).
+    from bench.grid import cpu_cores
+
+    before = torch.get_num_threads()
+    ambient = 7  # not what --jobs 2 gives on any machine with fewer than 14 cores
+    torch.set_num_threads(ambient)
+    try:
+        cells = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=TINY).resolve()
+        (rec,) = run_grid(cells, tmp_path / "run", preset="demo", jobs=2, progress=False, log=lambda m: None)
+        assert rec["train_threads"] == max(1, cpu_cores() // 2) != ambient
+        assert torch.get_num_threads() == ambient  # restored afterwards
+        shutil.rmtree(cache_dir() / "models")
+        (rec,) = run_grid(cells, tmp_path / "serial", preset="demo", jobs=1, progress=False, log=lambda m: None)
+        assert rec["train_threads"] == ambient  # --jobs 1 keeps the process's own count
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_jobs_auto_is_one_worker_per_core_on_the_cpu_and_one_on_cuda():
+    from bench.cli import _jobs
+    from bench.grid import cpu_cores
+    from bench.presets import PRESETS
+
+    assert _jobs("auto", "cpu") == cpu_cores() and _jobs("auto", "cuda") == 1 and _jobs("3", "cpu") == 3
+    assert PRESETS["demo"].jobs == "auto" and PRESETS["quick"].jobs == 1
+
+
 SEEN: list = []
 
 
