@@ -204,10 +204,13 @@ PRESETS: dict[str, Preset] = {
         #   (* all twelve cells, beside other jobs.) `--set strip.n_overlays=100` restores the default.
         #   At 25 the demo's `--detect all` took 7 min 4 s from an empty cache (idle), over issue 8's 6 minutes;
         #   10 was one of the cuts that brought it under (README, *Measured*).
-        # Neural Cleanse's label detector searches 5 epochs per label here instead of 10: it was the largest
+        # Neural Cleanse's label detector searches 3 epochs per label here instead of 10: it was the largest
         # part of `--detect all` on the width-8 demo (112 of 175 s; 2026-12-03, bf16, fresh clone, seed-0
         # models). At 10: target found on 6 of 11 backdoored models, AUROC 0.45, 9.3 s a model; at 5 (same
-        # models, `--detect nc_label --set nc_label.epochs=5`): 6 of 11, AUROC 0.55, 4.8 s.
+        # models, `--detect nc_label --set nc_label.epochs=5`): 6 of 11, AUROC 0.55, 4.8 s. On an AVX2-only
+        # EPYC (fp32, one thread per worker, the models of `--jobs auto`; 2026-12-03): at 5, 5 of 11 (adaptive_blend,
+        # badnets, bpp, iad, trojan), AUROC 0.55, 8.8 s a model; at 3 (this preset), 5 of 11 (blend found, badnets
+        # missed), AUROC 0.55, 4.8 s. NC is the baseline here; its cost never moves within 5 epochs (patience 5).
         # RNP's trigger recovery searches 5 epochs here instead of 10 (both searches, guided and baseline):
         # 1.9 s a model instead of 3.7 (2026-12-03, bf16, seed-0 width-8 models, `--detect all` from an
         # empty cache). ASR of the recovered trigger on the backdoored model, guided / baseline, at 10 ->
@@ -222,7 +225,7 @@ PRESETS: dict[str, Preset] = {
         # width 16 (4-5.5 s a cell without bf16), 200 took it to ~1-2 s.
         fields={"synthetic": {"n_train": 5000, "n_test": 1000}, "smallcnn": {"width": 8},
                 "rnp": {"select": "auto", "recalibrate_bn": True, "clean_threshold": 0.5},
-                "strip": {"n_overlays": 10}, "nc_label": {"epochs": 5}, "rnp_trigger": {"epochs": 5},
+                "strip": {"n_overlays": 10}, "nc_label": {"epochs": 3}, "rnp_trigger": {"epochs": 5},
                 "run": {"sweep_images": 200}, **DEMO_ATTACK_STRENGTH},
         # One worker process per core, one thread each. A width-8 smallcnn step is too small for two
         # threads to share: on a 2-core EPYC without native bf16 (fp32, AVX2; 2026-12-03, a
