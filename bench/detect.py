@@ -107,7 +107,7 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
         }
         if {"mask", "pattern"} <= set(det.tensors) and rec["truth"]["backdoored"]:  # a recovered trigger
             want = target if target is not None else det.label
-            for prefix in ("", "baseline_"):
+            for prefix in TRIGGER_PREFIXES:
                 if f"{prefix}mask" in det.tensors:
                     rec["detection"].update({f"{prefix}{k}": v for k, v in trigger_scores(
                         model, attack, test_set, det.tensors[f"{prefix}mask"], det.tensors[f"{prefix}pattern"], want,
@@ -136,6 +136,7 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
     return rec
 
 
+TRIGGER_PREFIXES = ("", "unlearned_", "baseline_")  # a detector's answer, its unlearned-model stage, its baseline
 PATCH_AREA = 0.1  # a trigger that touches at most this share of the pixels is a patch (IoU is reported)
 
 

@@ -33,9 +33,10 @@ from bench.detect import auroc, roc_points
 from bench.store import atomic_write_text
 
 DETECTION_FILES = ("detection.md", "detection.csv", "detection.tex", "roc.png", "triggers.png")
+TRIGGER_KEYS = ("trigger_asr", "iou", "unlearned_trigger_asr", "unlearned_iou", "baseline_trigger_asr", "baseline_iou")
 CSV_COLUMNS = ["dataset", "model", "attack", "detector", "level", "seed", "status", "backdoored", "target", "model_asr",
                "label", "label_correct", "score", "source", "inputs", "poisoned", "auroc", "tpr_at_5fpr", "precision_at_k",
-               "seconds"]
+               *TRIGGER_KEYS, "seconds"]
 
 
 def load_detections(run_dir: str | Path) -> list[dict]:
@@ -151,7 +152,7 @@ def _trigger_rows(dets: list[dict], ds: str, model: str) -> list[tuple[str, str,
         for atk in _ordered(d["attack"] for d in group if d["detector"] == name):
             ok = [d for d in group if d["detector"] == name and d["attack"] == atk]
             texts = []
-            for k in ("trigger_asr", "iou", "baseline_trigger_asr", "baseline_iou"):
+            for k in TRIGGER_KEYS:
                 v = [d["detection"].get(k) for d in ok if d["detection"].get(k) is not None]
                 texts.append((_pct(statistics.mean(v)) if "asr" in k else _num(statistics.mean(v))) if v else "-")
             out.append((name, atk, texts))
@@ -167,15 +168,18 @@ def detection_markdown(dets: list[dict]) -> str:
             continue
         parts.append(f"### Trigger recovery: {ds} / {model}\n")
         parts.append("| detector | attack | ASR of the recovered trigger | IoU with the true patch | "
-                     "baseline ASR (backdoored model alone) | baseline IoU |")
-        parts.append("|---|---|---:|---:|---:|---:|")
+                     "unlearned model's trigger: ASR | its IoU | baseline ASR (backdoored model alone) | baseline IoU |")
+        parts.append("|---|---|---:|---:|---:|---:|---:|---:|")
         for name, atk, texts in trig:
             parts.append(f"| {name} | {atk} | " + " | ".join(texts) + " |")
         parts.append("")
         parts.append("ASR in % on the backdoored model (clean test images of other labels, stamped with the recovered "
                      "trigger). IoU: the mask's top pixels (as many as the true trigger touches) against those pixels; "
-                     "- where the true trigger is no patch (it touches more than 10 % of the image). Baseline: the same "
-                     "optimiser, label and budget against the backdoored model instead of the unlearned one.\n")
+                     "- where the true trigger is no patch (it touches more than 10 % of the image). The recovered trigger: "
+                     "the search against the unlearned model, refined against the backdoored model from there "
+                     "(rnp_trigger's refine=true; - in the unlearned columns otherwise). Unlearned model's trigger: "
+                     "that first search's. Baseline: the same optimiser, label and total budget against the "
+                     "backdoored model alone, from a random start.\n")
     for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
         names, per = _sample_rows(dets, ds, model)
         if not per:
@@ -221,7 +225,7 @@ def detection_csv(dets: list[dict]) -> str:
     for d in dets:
         det = d.get("detection") or {}
         extra = {k: ("" if det.get(k) is None else (round(det[k], 6) if isinstance(det[k], float) else det[k]))
-                 for k in ("source", "inputs", "poisoned", "auroc", "tpr_at_5fpr", "precision_at_k")}
+                 for k in ("source", "inputs", "poisoned", "auroc", "tpr_at_5fpr", "precision_at_k", *TRIGGER_KEYS)}
         w.writerow({**extra, "level": d.get("level", "model"),
                     "dataset": d["dataset"], "model": d["model"], "attack": d["attack"], "detector": d["detector"],
                     "seed": d["seed"], "status": d["status"], "backdoored": d["truth"]["backdoored"],
@@ -289,9 +293,13 @@ def plot_roc(dets: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+TRIGGER_PANELS = (("", "recovered", "trigger_asr"), ("unlearned_", "unlearned model only", "unlearned_trigger_asr"),
+                  ("baseline_", "backdoored only", "baseline_trigger_asr"))
+
+
 def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
     """Per attack with a recovered trigger: the true trigger (amplified difference of the run's example
-    pair), the recovered mask x pattern guided by the unlearned model, and the baseline's."""
+    pair), the recovered mask x pattern, the unlearned model's (where the detector keeps it), and the baseline's."""
     from bench.report import _figure, _save
     from bench.store import load_tensors
 
@@ -307,18 +315,21 @@ def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
         e = load_tensors(ex)
         true = (e["triggered"].float() - e["clean"].float()).abs()
         true = (true / true.max().clamp_min(1)).permute(1, 2, 0).numpy()
-        rec = [(t[f"{p}mask"] * t[f"{p}pattern"]).permute(1, 2, 0).clamp(0, 1).numpy() for p in ("", "baseline_")
-               if f"{p}mask" in t]
+        rec = [(lab, k, (t[f"{p}mask"] * t[f"{p}pattern"]).permute(1, 2, 0).clamp(0, 1).numpy())
+               for p, lab, k in TRIGGER_PANELS if f"{p}mask" in t]
         rows.append((f"{d['attack']} s{d['seed']} ({d['detector']})", true, rec, d["detection"]))
     if not rows:
         return None
-    fig, axes = _figure(3 * len(rows), 3, 1.9, 2.0)
+    cols = 1 + max(len(rec) for _, _, rec, _ in rows)
+    fig, axes = _figure(cols * len(rows), cols, 1.9, 2.0)
+    for ax in axes:
+        ax.axis("off")
     for i, (title, true, rec, det) in enumerate(rows):
         panels = [("true trigger (amplified)", true)]
-        panels += [(f"{lab}: ASR {_pct(det.get(k))}", img)
-                   for (lab, k), img in zip((("unlearned-guided", "trigger_asr"), ("backdoored only", "baseline_trigger_asr")), rec)]
+        panels += [(f"{lab}: ASR {_pct(det.get(k))}", img) for lab, k, img in rec]
         for j, (lab, img) in enumerate(panels):
-            ax = axes[3 * i + j]
+            ax = axes[cols * i + j]
+            ax.axis("on")
             ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
             ax.set_title(f"{title}\n{lab}" if j == 0 else lab, fontsize=6)
             ax.set_xticks([]), ax.set_yticks([])

@@ -61,6 +61,7 @@ from torch import nn
 
 from bench.config import Config, param
 from bench.data import ImageSet
+from bench.registry import BenchError
 from bench.train import autocast
 
 BETAS = (0.5, 0.9)  # visualizer.py: Adam(beta_1=0.5, beta_2=0.9)
@@ -176,6 +177,7 @@ def reverse_triggers(
     device: torch.device | str = "cpu",
     bf16: bool = True,
     max_images: int = 2048,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Triggers:
     """Reverse-engineer one (mask, pattern) trigger per label in ``labels``, all labels batched.
 
@@ -188,6 +190,8 @@ def reverse_triggers(
         device: where to compute.
         bf16: bf16 autocast where the device supports it natively.
         max_images: most stamped images per forward pass; more labels x batch are split into chunks.
+        init: optional starting triggers ``(masks [K, 1, H, W], patterns [K, C, H, W])`` in [0, 1], one per
+            label, in place of the random uniform start (e.g. triggers found on another model).
 
     Returns:
         The triggers, the mask of each label's best epoch (see the module doc), on the CPU.
@@ -197,8 +201,15 @@ def reverse_triggers(
     k, (c, h, w) = len(labels), tuple(data.x.shape[1:])
     # Each label's initial trigger comes from its own seed, so it does not depend on the other labels.
     base = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    init = [torch.rand(1 + c, h, w, generator=torch.Generator().manual_seed((base << 16) + int(t))) for t in labels]
-    start = _unsquash(torch.stack(init)).to(device)
+    if init is None:
+        starts = torch.stack([torch.rand(1 + c, h, w, generator=torch.Generator().manual_seed((base << 16) + int(t)))
+                              for t in labels])
+    else:
+        starts = torch.cat([init[0].float(), init[1].float()], dim=1).cpu()
+        if starts.shape != (k, 1 + c, h, w):
+            raise BenchError(f"init triggers of shape {tuple(starts.shape)}: need masks [{k}, 1, {h}, {w}] "
+                             f"and patterns [{k}, {c}, {h}, {w}]")
+    start = _unsquash(starts).to(device)
     mask_v = start[:, :1].clone().requires_grad_(True)
     pat_v = start[:, 1:].clone().requires_grad_(True)
     opt = torch.optim.Adam([mask_v, pat_v], lr=search.lr, betas=BETAS, eps=ADAM_EPS)

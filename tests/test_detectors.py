@@ -8,7 +8,9 @@ a BadNets patch whose target is 3, and a clean model of the same recipe as the n
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+import io
 import json
 
 import pytest
@@ -205,22 +207,42 @@ def test_nc_label_names_the_smallest_trigger_and_its_anomaly_index(models, clean
     assert set(bd.tensors) >= {"masks", "patterns", "norms"}
 
 
-def test_rnp_trigger_recovers_a_working_trigger_for_the_detected_label(models, clean_data):
-    """The detected label is the target, and the baseline search (the backdoored model alone) returns a
-    trigger that works on unseen images. Neither search's mask need sit on the corner here (test_nc
-    says why); on GTSRB the baseline's did (IoU 0.50, README). The search guided by the unlearned model
-    gives a weaker trigger, here as on GTSRB: only its shape is checked."""
+def test_rnp_trigger_recovers_a_working_trigger_for_the_detected_label(models, clean_data, monkeypatch):
+    """The detected label is the target; the answer (the unlearned model's trigger, refined on the
+    backdoored model) and the baseline (the backdoored model alone, same total budget) work on unseen
+    images. Neither mask need sit on the corner here (test_nc says why). The refinement starts from the
+    unlearned model's trigger, and ``refine=false`` answers with that trigger itself."""
+    import defenses.trigger
     from bench.detect import trigger_scores
+    from detectors import rnp_trigger
 
+    calls = []
+    real = defenses.trigger.reverse_triggers
+
+    def spy(model, data, labels, search, **kw):
+        calls.append((search.epochs, kw.get("init")))
+        return real(model, data, labels, search, **kw)
+
+    monkeypatch.setattr(rnp_trigger, "reverse_triggers", spy)
     det = make("rnp_trigger", unlearn_lr=0.05, **FAST)(models["backdoored"], clean_data, ctx())
     assert det.label == TARGET
     test = prototypes(200, seed=2)
     atk = ATTACKS.get("badnets")(target=TARGET)
     atk.prepare(K, 3, 32, test, 0)
-    base = trigger_scores(models["backdoored"], atk, test, det.tensors["baseline_mask"], det.tensors["baseline_pattern"],
-                          TARGET, device="cpu", bf16=False)
-    assert base["trigger_asr"] > 0.9
-    assert det.tensors["mask"].shape == (1, 32, 32) and det.info["norm"] > 0
+    for prefix in ("", "baseline_"):
+        got = trigger_scores(models["backdoored"], atk, test, det.tensors[f"{prefix}mask"], det.tensors[f"{prefix}pattern"],
+                             TARGET, device="cpu", bf16=False)
+        assert got["trigger_asr"] > 0.9, prefix
+    e = FAST["epochs"]
+    assert [c[0] for c in calls] == [e, e, 2 * e], "unlearned, refined, baseline (twice the budget: the same total)"
+    assert calls[0][1] is None and calls[2][1] is None
+    assert torch.equal(calls[1][1][0][0], det.tensors["unlearned_mask"]), "the refinement starts from the unlearned model's trigger"
+    assert det.info["unlearned_norm"] > 0 and det.info["norm"] > 0
+
+    calls.clear()
+    literal = make("rnp_trigger", unlearn_lr=0.05, refine=False, **FAST)(models["backdoored"], clean_data, ctx())
+    assert [c[0] for c in calls] == [e, e] and "unlearned_mask" not in literal.tensors
+    torch.testing.assert_close(literal.tensors["mask"], det.tensors["unlearned_mask"])
 
 
 def test_the_rnp_defense_reports_the_same_unlearned_label(models, clean_data):
@@ -484,3 +506,25 @@ def test_a_preset_sets_detector_and_run_fields_and_set_overrides_them():
     assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick", detectors=["strip"]).resolve_all()[1][0].detector.n_overlays == 100
     spec.overrides["strip"] = {"n_overlays": "100"}
     assert spec.resolve_all()[1][0].detector.n_overlays == 100
+
+
+def test_the_trigger_table_and_csv_carry_all_three_triggers():
+    """The report's trigger-recovery rows: the answer, the unlearned model's trigger and the baseline,
+    each as the record has it (means over seeds); a record without the unlearned stage shows "-"."""
+    from bench.report_detect import detection_csv, detection_markdown
+
+    def rec(attack, seed, **det):
+        return {"dataset": "d", "model": "m", "attack": attack, "detector": "rnp_trigger", "level": "model", "seed": seed,
+                "status": "ok", "truth": {"backdoored": True, "target": 0, "asr": 1.0}, "seconds": {"detect": 1.0},
+                "detection": {"label": 0, "label_correct": True, "score": 0.5, **det}}
+
+    dets = [rec("badnets", 0, trigger_asr=0.99, iou=0.6, unlearned_trigger_asr=0.8, unlearned_iou=0.2,
+                baseline_trigger_asr=0.97, baseline_iou=0.4),
+            rec("badnets", 1, trigger_asr=0.95, iou=0.4, unlearned_trigger_asr=0.6, unlearned_iou=0.0,
+                baseline_trigger_asr=0.99, baseline_iou=0.2),
+            rec("blend", 0, trigger_asr=0.5, baseline_trigger_asr=0.9)]
+    md = detection_markdown(dets)
+    assert "| rnp_trigger | badnets | 97.0 | 0.50 | 70.0 | 0.10 | 98.0 | 0.30 |" in md
+    assert "| rnp_trigger | blend | 50.0 | - | - | - | 90.0 | - |" in md
+    rows = list(csv.DictReader(io.StringIO(detection_csv(dets))))
+    assert rows[0]["unlearned_trigger_asr"] == "0.8" and rows[2]["unlearned_iou"] == "" and rows[2]["baseline_trigger_asr"] == "0.9"

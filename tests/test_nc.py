@@ -171,6 +171,21 @@ def test_the_optimiser_uses_no_global_rng_and_leaves_the_model_alone(planted):
     assert torch.equal(a.masks, b.masks), "train or eval mode on entry: the same triggers (always run in eval mode)"
 
 
+def test_a_given_start_replaces_the_random_one(planted):
+    model, atk, clean, _ = planted
+    true_m = torch.zeros(1, 1, 32, 32)
+    true_m[..., -4:-1, -4:-1] = 0.99  # BadNets' 3x3 patch region (approximately), near-binary
+    true_p = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    still = TriggerSearch(epochs=1, batches_per_epoch=1, lr=0.0)  # no step moves it: the result is the start
+    r = reverse_triggers(model, clean, [TARGET], still, gen=torch.Generator().manual_seed(0), init=(true_m, true_p))
+    torch.testing.assert_close(r.masks, true_m.clamp(1e-6, 1 - 1e-6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(r.patterns, true_p.clamp(1e-6, 1 - 1e-6), atol=1e-4, rtol=0)
+    rand = reverse_triggers(model, clean, [TARGET], still, gen=torch.Generator().manual_seed(0))
+    assert (rand.masks - true_m).abs().mean() > 0.2, "without init: the random uniform start"
+    with pytest.raises(BenchError, match="init triggers"):
+        reverse_triggers(model, clean, [TARGET, 1], still, gen=torch.Generator().manual_seed(0), init=(true_m, true_p))
+
+
 # ---------------------------------------------------------------- MAD scoring and settings
 
 
