@@ -211,7 +211,9 @@ PRESETS: dict[str, Preset] = {
         # EPYC (fp32, one thread per worker, the models of `--jobs auto`; 2026-12-03): at 5, 5 of 11 (adaptive_blend,
         # badnets, bpp, iad, trojan), AUROC 0.55, 8.8 s a model; at 3 (this preset), 5 of 11 (blend found, badnets
         # missed), AUROC 0.55, 4.8 s. NC is the baseline here; its cost never moves within 5 epochs (patience 5).
-        # RNP's trigger recovery searches 5 epochs here instead of 10 (both searches, guided and baseline):
+        # RNP's trigger recovery searches 5 epochs here instead of 10 (every search: the unlearned model's, the
+        # refinement on the backdoored model, and the baseline with twice that budget since d0705c7; the
+        # numbers below are from before the refinement, when there were two searches of equal budget):
         # 1.9 s a model instead of 3.7 (2026-12-03, bf16, seed-0 width-8 models, `--detect all` from an
         # empty cache). ASR of the recovered trigger on the backdoored model, guided / baseline, at 10 ->
         # at 5: adaptive_blend 45.1 / 98.7 -> 56.7 / 98.9, badnets 61.2 / 100 -> 69.6 / 100, blend 81.0 / 99.3
