@@ -39,8 +39,8 @@ the answer against the random-start baseline at the same total budget:
 
 (BadNets seed 1 did not implant on that CPU, ASR 3.2 %.) On the bf16 models of seeds 0-2 (an
 AVX-512-BF16 CPU) the answer reached 99.8-100 % on BadNets and 99.0-99.4 % on TrojanNN, the
-baseline 99.5-99.9 and 98.0-98.9, IoU 0.09-0.50 against 0.13-0.50. On the width-8 demo's seed-0 models the
-refined triggers reach the baseline's ASR within two points on every attack whose label was
+baseline 99.5-99.9 and 98.0-98.9, IoU 0.09-0.50 against 0.13-0.50. On the width-8 demo's
+seed-0 models the refined triggers reach the baseline's ASR within two points on every attack whose label was
 found (98-100 %, LC 95 %), with IoU no better (BadNets 0.00 against 0.20). So the refinement
 makes the guided search work as well as the baseline, not better: the unlearned model's
 contribution that survives measurement is the label (one search instead of NC's one per label).
