@@ -30,8 +30,9 @@ model's loss added to the baseline search, the unlearned model's gradient with t
 model's success test, and the search on only the defense images the unlearned model does not yet
 send to the label (33-54 images, so one mini-batch per epoch: BadNets 73 %, TrojanNN 2.7 %).
 Started from the unlearned model's trigger, the search on the backdoored model makes it work
-there. Quick preset, GTSRB (2-core AVX2 CPU, fp32; 2026-12-04), ASR on the backdoored model / IoU with the true trigger's pixels / mask L1,
-the answer against the random-start baseline at the same total budget:
+there. Quick preset, GTSRB (2-core AVX2 CPU, fp32; 2026-12-04), ASR on the backdoored model /
+IoU with the true trigger's pixels / mask L1, the answer against the random-start baseline at the
+same total budget:
 
     BadNets seed 0    99.6 / 0.64 / 4.1    baseline 99.3 / 0.29 / 5.5    unlearned model's 86.0 / 0.50
     TrojanNN seed 0  100.0 / 0.19 / 16.2   baseline 99.9 / 0.11 / 12.9   unlearned model's  0.2 / 0.04
@@ -40,8 +41,9 @@ the answer against the random-start baseline at the same total budget:
 (BadNets seed 1 did not implant on that CPU, ASR 3.2 %.) On the bf16 models of seeds 0-2 (an
 AVX-512-BF16 CPU) the answer reached 99.8-100 % on BadNets and 99.0-99.4 % on TrojanNN, the
 baseline 99.5-99.9 and 98.0-98.9, IoU 0.09-0.50 against 0.13-0.50. On the width-8 demo's
-seed-0 models the refined triggers reach the baseline's ASR within two points on every attack whose label was
-found (98-100 %, LC 95 %), with IoU no better (BadNets 0.00 against 0.20). So the refinement
+seed-0 models the refined triggers reach the baseline's ASR within two points on every attack
+whose label was found (98-100 %, LC 95 %), with IoU no better (BadNets 0.00 against 0.20). So
+the refinement
 makes the guided search work as well as the baseline, not better: the unlearned model's
 contribution that survives measurement is the label (one search instead of NC's one per label).
 
@@ -101,9 +103,9 @@ class RNPTrigger(RNP, TriggerSearch, Detector):
         data = clean.to(ctx.device)
         backdoored = model.to(ctx.device).eval()
         guided = self.search(unlearned.eval(), data, label, ctx)
-        found = {"unlearned_": guided}
-        if self.refine:
-            found[""] = self.search(backdoored, data, label, ctx, init=(guided.masks, guided.patterns))
+        if self.refine:  # the answer starts from the unlearned model's trigger
+            found = {"": self.search(backdoored, data, label, ctx, init=(guided.masks, guided.patterns)),
+                     "unlearned_": guided}
         else:
             found = {"": guided}
         found["baseline_"] = self.search(backdoored, data, label, ctx, epochs=self.epochs * (2 if self.refine else 1))
