@@ -43,9 +43,9 @@ AVX-512-BF16 CPU) the answer reached 99.8-100 % on BadNets and 99.0-99.4 % on Tr
 baseline 99.5-99.9 and 98.0-98.9, IoU 0.09-0.50 against 0.13-0.50. On the width-8 demo's
 seed-0 models the refined triggers reach the baseline's ASR within two points on every attack
 whose label was found (98-100 %, LC 95 %), with IoU no better (BadNets 0.00 against 0.20). So
-the refinement
-makes the guided search work as well as the baseline, not better: the unlearned model's
-contribution that survives measurement is the label (one search instead of NC's one per label).
+the refinement makes the guided search work as well as the baseline, not better: the unlearned
+model's contribution that survives measurement is the label (one search instead of NC's one per
+label).
 
 The answer is the label and, as its score, the unlearning speed (``rnp_label``'s default
 score); the harness scores every recovered trigger against the truth:
