@@ -41,7 +41,15 @@ Departures:
   dependency) ships as sample data, ``grace_hopper.jpg`` (600x512 RGB): centre-cropped to a
   square, resized with antialiased bilinear ``F.interpolate`` to the dataset's size, and turned
   into grayscale by the channel mean for one-channel datasets. It is built in ``prepare`` and kept
-  in ``state``, so a stored run does not depend on the JPEG decoder.
+  in ``state``, so a stored run does not depend on the JPEG decoder. ``image=cartoon`` takes
+  matplotlib's other picture instead, the clip-art ``Minduka_Present_Blue_Pack.png`` (128x128
+  RGBA, a blue gift box), composited on white: a cartoon with flat colours on a light background,
+  closer in kind to the paper's. Measured (quick preset, GTSRB, target 0, seeds 0 / 1 / 2,
+  2026-12-04, 2-core EPYC with native bf16): CA / ASR 96.5 / 22.2, 96.6 / 11.6, 97.1 / 51.3 with
+  the cartoon against 96.7 / 17.8, 97.1 / 18.9, 96.6 / 23.4 with the photograph (seed 0's rerun
+  on that machine gave the same 96.7 / 17.8). Higher on two seeds, lower on one, short of 60 % at
+  seed 0 either way: the picture is not what holds the attack back at 4 epochs, so the default
+  stays the photograph and every number measured on it stays valid.
 - Which images: the official code draws the poisoned images from the whole training set (so some
   target-class images are "relabelled" to their own class) and takes ``int(rate * N)``; here, as
   for every attack of the bench, all-to-one poisons ``round(poison_rate * N)`` non-target images
@@ -65,7 +73,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,18 +83,26 @@ from bench.config import param
 from bench.data import ImageSet
 from bench.registry import BenchError
 
-SAMPLE_IMAGE = "grace_hopper.jpg"  # matplotlib's mpl-data/sample_data
+# matplotlib's mpl-data/sample_data files the trigger may be made of (see the module docstring)
+SAMPLE_IMAGES = {"photo": "grace_hopper.jpg", "cartoon": "Minduka_Present_Blue_Pack.png"}
 
 
-def natural_image(channels: int, size: int) -> torch.Tensor:
-    """matplotlib's Grace Hopper photograph as uint8 ``[channels, size, size]`` (see the module docstring)."""
+def natural_image(channels: int, size: int, name: str = "photo") -> torch.Tensor:
+    """matplotlib's sample image ``SAMPLE_IMAGES[name]`` as uint8 ``[channels, size, size]`` (see the module docstring)."""
+    file = SAMPLE_IMAGES[name]
     try:
         from matplotlib import cbook, image
 
-        arr = image.imread(cbook.get_sample_data(SAMPLE_IMAGE, asfileobj=False))
+        arr = image.imread(cbook.get_sample_data(file, asfileobj=False))
     except (ImportError, OSError, ValueError) as exc:
-        raise BenchError(f"adaptive_blend: cannot read matplotlib's sample image {SAMPLE_IMAGE}: {exc}") from None
-    img = torch.tensor(arr).permute(2, 0, 1)[:3].float()  # [3, H, W], 0..255 (a copy: imread may give a read-only array)
+        raise BenchError(f"adaptive_blend: cannot read matplotlib's sample image {file}: {exc}") from None
+    img = torch.tensor(arr).permute(2, 0, 1).float()  # [C, H, W] (a copy: imread may give a read-only array)
+    if arr.dtype.kind == "f":  # PNGs are read as floats in [0, 1], JPEGs as uint8
+        img = img * 255
+    if img.shape[0] == 4:  # RGBA: composite on a white background
+        alpha = img[3:] / 255
+        img = img[:3] * alpha + 255 * (1 - alpha)
+    img = img[:3]
     h, w = img.shape[1:]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
@@ -120,6 +136,9 @@ class AdaptiveBlend(Attack):
     test_alpha: float = param(0.2, low=0.0, high=1.0, doc="blend weight of the full trigger at test time (official: 0.2)")
     pieces: int = param(16, low=1, doc="pieces the trigger is cut into, a perfect square (official: 16)")
     mask_rate: float = param(0.5, low=0.0, high=1.0, doc="share of the pieces masked out per training image (official: 0.5)")
+    image: Literal["photo", "cartoon"] = param("photo", doc="trigger image, from matplotlib's sample data: photo = "
+                                               "grace_hopper.jpg, cartoon = Minduka_Present_Blue_Pack.png on white "
+                                               "(official: a cartoon, hellokitty_32.png, not shipped)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,7 +157,7 @@ class AdaptiveBlend(Attack):
         if math.isqrt(self.pieces) > size:
             raise BenchError(f"adaptive_blend.pieces={self.pieces} is more than one piece per pixel of a {size}x{size} "
                              f"image; allowed: perfect squares up to {size * size}")
-        self.state["pattern"] = natural_image(channels, size)
+        self.state["pattern"] = natural_image(channels, size, self.image)
 
     def _pattern(self, x: torch.Tensor) -> torch.Tensor:
         pattern = self.state["pattern"]

@@ -207,13 +207,27 @@ def test_adaptive_blend_full_trigger_at_alpha_02_for_test(c, s):
     assert torch.equal(ts.x, atk.trigger(train.x[train.y != 0]))
 
 
-def test_adaptive_blend_trigger_is_the_photo():
-    rgb, _ = prepared("adaptive_blend", 3, 32)
-    gray, _ = prepared("adaptive_blend", 1, 32)
+@pytest.mark.parametrize("image", ["photo", "cartoon"])
+def test_adaptive_blend_trigger_is_the_sample_image(image):
+    rgb, _ = prepared("adaptive_blend", 3, 32, image=image)
+    gray, _ = prepared("adaptive_blend", 1, 32, image=image)
     p3, p1 = rgb.state["pattern"].float(), gray.state["pattern"].float()
     assert p3.shape == (3, 32, 32) and p1.shape == (1, 32, 32)
     assert (p1[0] - p3.mean(0)).abs().max() <= 1, "grayscale is the channel mean"
     assert p3.std() > 30 and (p3[0] - p3[2]).abs().mean() > 5, "a colour image, not a flat field"
+
+
+def test_adaptive_blend_cartoon_on_white():
+    photo, _ = prepared("adaptive_blend", 3, 32)
+    cartoon, _ = prepared("adaptive_blend", 3, 32, image="cartoon")
+    p, c = photo.state["pattern"], cartoon.state["pattern"]
+    assert (p.float() - c.float()).abs().mean() > 30, "the option picks another image"
+    # the clip-art's corners are transparent: composited on white, not black (RGBA read as floats in [0, 1])
+    assert (c[:, 0, 0] == 255).all() and (c[:, 0, -1] == 255).all()
+    # its box is blue: more blue than red on average
+    assert c[2].float().mean() > c[0].float().mean() + 20
+    with pytest.raises(BenchError, match=r"adaptive_blend\.image='kitty' is not allowed; choose one of: photo, cartoon"):
+        build(ATTACKS.get("adaptive_blend"), parse_sets(["adaptive_blend.image=kitty"])["adaptive_blend"])
 
 
 @pytest.mark.parametrize("label_mode", ["all2one", "all2all"])
