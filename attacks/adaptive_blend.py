@@ -32,7 +32,10 @@ Defaults:
   runs the same rates with the parser's ``alpha`` 0.2 for training and test alike.
 - ``pieces = 16``, ``mask_rate = 0.5``: ``create_poisoned_set.py`` (``pieces=16, mask_rate=0.5``).
 - Target 0, all-to-one: ``config.target_class['cifar10'] = 0`` (GTSRB uses 2 there; 0 here for
-  every dataset, as for the other attacks).
+  every dataset, as for the other attacks). Measured with the official GTSRB target (quick
+  preset, ``--set adaptive_blend.target=2``, seeds 0 / 1 / 2, 2026-12-04, same machine as below):
+  CA / ASR 97.5 / 26.0, 96.7 / 18.7, 97.1 / 15.5, no better than target 0 (17.8 / 18.9 / 23.4);
+  with the cartoon as well (the closest we get to the official GTSRB setting), seed 0: 97.3 / 36.1.
 
 Departures:
 
