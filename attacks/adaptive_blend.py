@@ -90,7 +90,7 @@ from bench.registry import BenchError
 SAMPLE_IMAGES = {"photo": "grace_hopper.jpg", "cartoon": "Minduka_Present_Blue_Pack.png"}
 
 
-def natural_image(channels: int, size: int, name: str = "photo") -> torch.Tensor:
+def sample_image(channels: int, size: int, name: str = "photo") -> torch.Tensor:
     """matplotlib's sample image ``SAMPLE_IMAGES[name]`` as uint8 ``[channels, size, size]`` (see the module docstring)."""
     file = SAMPLE_IMAGES[name]
     try:
@@ -160,7 +160,7 @@ class AdaptiveBlend(Attack):
         if math.isqrt(self.pieces) > size:
             raise BenchError(f"adaptive_blend.pieces={self.pieces} is more than one piece per pixel of a {size}x{size} "
                              f"image; allowed: perfect squares up to {size * size}")
-        self.state["pattern"] = natural_image(channels, size, self.image)
+        self.state["pattern"] = sample_image(channels, size, self.image)
 
     def _pattern(self, x: torch.Tensor) -> torch.Tensor:
         pattern = self.state["pattern"]
