@@ -90,7 +90,7 @@ class Preset:
 #   99.7 / 91.4, 99.7 / 89.2;  bpp 99.9 / 89.0, 99.7 / 94.7, 99.9 / 81.4;  iad 99.2 / 95.2, 99.5 / 90.8,
 #   98.3 / 92.1 (40 %, generators of width 16);  sig 99.6 / 84.8, 99.8 / 97.9, 99.2 / 99.7;  trojan 100 / 99.4, 100 / 99.9, 100 / 99.9;
 #   wanet 100 / 94.8, 99.9 / 96.7, 100 / 72.9;  lc 99.9 / 0.0, 98.3 / 11.4, 99.9 / 5.3
-#   lc again at width 8 (2026-12-04, bf16, `--jobs auto`), BackdoorBench's full amplitude (lc.amplitude=1):
+#   lc again at width 8 (2026-12-04, 2-core EPYC with native bf16, bf16 on, `--jobs auto`), BackdoorBench's full amplitude (lc.amplitude=1):
 #       rate 0.1 (all 500 target images): 91.6 / 63.2, 91.3 / 79.3, 91.9 / 71.9 (the clean target images
 #       are lost, CA 91);  with 100 PGD steps: 96.3 / 36.7, 92.5 / 80.9, 91.7 / 70.7;  rate 0.09: 99.6 / 10.4,
 #       99.9 / 86.1, 99.9 / 42.3;  amplitude 0.5 at rate 0.1: 99.7 / 13.6, 94.2 / 88.8, 98.7 / 38.0.
