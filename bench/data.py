@@ -23,9 +23,12 @@ from bench.config import Config, param
 from bench.registry import BenchError, Registry
 
 
+UNLABELLED = -1  # the label of an input whose label nobody knows (the detection track's test-time mix)
+
+
 @dataclass
 class ImageSet:
-    """Images ``x`` (uint8, ``[N, C, H, W]``) with labels ``y`` (int64, ``[N]``)."""
+    """Images ``x`` (uint8, ``[N, C, H, W]``) with labels ``y`` (int64, ``[N]``; ``UNLABELLED`` where unknown)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -44,6 +47,16 @@ class ImageSet:
 
     def to(self, device: torch.device | str) -> "ImageSet":
         return ImageSet(self.x.to(device), self.y.to(device))
+
+    @classmethod
+    def unlabelled(cls, x: torch.Tensor) -> "ImageSet":
+        """Images without labels: every ``y`` is ``UNLABELLED``."""
+        return cls(x, torch.full((len(x),), UNLABELLED, dtype=torch.long))
+
+    @property
+    def labelled(self) -> bool:
+        """False where the labels are unknown (``ImageSet.unlabelled``)."""
+        return not bool((self.y == UNLABELLED).any())
 
 
 @dataclass(frozen=True)

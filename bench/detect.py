@@ -11,8 +11,8 @@ after the detector has returned:
   backdoored) and ``label_correct`` (the label is the all-to-one target; None where no target
   is defined: the clean model and all-to-all attacks).
 - sample and input level: the detector scores inputs (``detection_inputs``: the poisoned
-  training set, or a test-time mix for attacks that store no poisoned image and for input-level
-  detectors); the harness records ``auroc``, ``tpr_at_5fpr`` (the true positive rate where 5 %
+  training set, or a shuffled, unlabelled test-time mix for attacks that store no poisoned image
+  and for input-level detectors); the harness records ``auroc``, ``tpr_at_5fpr`` (the true positive rate where 5 %
   of the clean inputs are flagged) and ``precision_at_k`` (k = the true poison count), with
   ``source`` saying which inputs were scored. Where there is nothing to find (the clean model) the
   cell's status is "not applicable", not "failed". The record's ``truth`` also carries the
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from bench.data import ImageSet
+from bench.metrics import TriggeredSet
 from bench.registry import BenchError
 from defenses.base import DefenseContext
 from detectors.base import Detector
@@ -74,7 +75,8 @@ def base_detect_record(cell: DetectCell, preset: str) -> dict:
         "status": "failed", "error": None, "truth": truth(j.attack), "detection": None,
         "seconds": {"detect": None}, "info": {},
         "config": {"preset": preset, **job_config(j), "detector": {"name": cell.detector.name, **cell.detector.to_dict()},
-                   "run": cell.run.to_dict(), "model_key": j.key, "defense_pool": defense_pool(j.attack)},
+                   "run": cell.run.to_dict(), "model_key": j.key, "defense_pool": defense_pool(j.attack),
+                   **({} if cell.detector.level == "model" else {"inputs_version": INPUTS_VERSION})},
         "versions": versions(), "git": git_revision(),
     }
 
@@ -89,7 +91,7 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
     rec = base_detect_record(cell, preset)
     rec["truth"]["asr"] = read_json(model_dir(job) / "meta.json")["metrics"]["asr"]  # did the backdoor implant?
     train_set, test_set = ds.load(data_dir)
-    model, attack, poison_idx, _ = load_backdoored(job, device)
+    model, attack, poison_idx, triggered = load_backdoored(job, device)
     clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)  # exactly what a defense of this model gets
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
                          device=torch.device(device), bf16=job.train.bf16)
@@ -113,7 +115,7 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
                         model, attack, test_set, det.tensors[f"{prefix}mask"], det.tensors[f"{prefix}pattern"], want,
                         device=device, bf16=job.train.bf16).items()})
     else:
-        inputs, poisoned, source = detection_inputs(attack, level, train_set, test_set, poison_idx, job.seed)
+        inputs, poisoned, source = detection_inputs(attack, level, train_set, test_set, triggered, poison_idx, job.seed)
         if inputs is None:  # nothing to find here: recorded as such, not as a failure
             rec.update(status=NOT_APPLICABLE, info={"reason": source, "defense_images": len(clean)})
             return rec
@@ -125,7 +127,7 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
             raise ValueError(f"{cell.detector.name} returned {tuple(scores.shape)} scores for {len(inputs)} inputs")
         pos, neg = scores[poisoned].tolist(), scores[~poisoned].tolist()
         rec["detection"] = {
-            "source": source, "inputs": len(inputs), "poisoned": int(poisoned.sum()),
+            "source": source, "labelled": inputs.labelled, "inputs": len(inputs), "poisoned": int(poisoned.sum()),
             "auroc": auroc(pos, neg), "tpr_at_5fpr": tpr_at_fpr(pos, neg, 0.05),
             "precision_at_k": precision_at_k(scores, poisoned),
         }
@@ -170,19 +172,23 @@ def trigger_scores(model, attack, test, mask: torch.Tensor, pattern: torch.Tenso
 
 NOT_APPLICABLE = "not applicable"  # a cell with nothing to detect (the clean model at sample level): done, not failed
 MIX_IMAGES = 500  # the test-time mix: up to this many triggered and this many clean test images
+# Bumped when the inputs a sample- or input-level detector scores change, so that resumed runs
+# recompute those cells: 2 = the unlabelled, shuffled mix with clean target-class images (2026-12-05);
+# a record without the field was scored on the old mix (clean first, labelled, no target class).
+INPUTS_VERSION = 2
 
 
-def detection_inputs(attack, level: str, train, test, poison_idx: torch.Tensor, seed: int):
+def detection_inputs(attack, level: str, train, test, triggered: TriggeredSet, poison_idx: torch.Tensor, seed: int):
     """(inputs to score, bool truth per input, where they come from) for a sample- or input-level detector.
 
     - The clean model: nothing poisoned, nothing triggered: (None, None, reason).
     - Sample level, an attack that poisons stored training images: the poisoned training set as the
-      model was trained on it (images and labels), rebuilt by the cached attack with the run seed
-      and checked against the cached poison indices; the truth is those indices (Adaptive-Blend's
-      cover images, which carry the trigger with their true label, count as clean).
+      model was trained on it (images and labels: a defender inspects its own training data),
+      rebuilt by the cached attack with the run seed and checked against the cached poison indices;
+      the truth is those indices (Adaptive-Blend's cover images, which carry the trigger with their
+      true label, count as clean).
     - Otherwise (input level, or an attack that poisons batches on the fly: WaNet, IAD, BPP): the
-      test-time mix, up to MIX_IMAGES triggered test images labelled with the attack's label and as
-      many clean test images of other labels with their own; the truth is which are triggered.
+      test-time mix (``test_time_mix``), unlabelled: at test time nobody knows an input's label.
     """
     if not attack.has_trigger:
         return None, None, "the clean model: no poisoned image, no trigger"
@@ -196,14 +202,33 @@ def detection_inputs(attack, level: str, train, test, poison_idx: torch.Tensor, 
         truth_mask = torch.zeros(len(rebuilt.data), dtype=torch.bool)
         truth_mask[poison_idx] = True
         return rebuilt.data, truth_mask, "training set"
-    trig = attack.test_set(test)
-    gen = torch.Generator().manual_seed(seed)
-    it = torch.randperm(len(trig), generator=gen)[:MIX_IMAGES]
-    others = (test.y != attack.target).nonzero().flatten() if attack.label_mode == "all2one" else torch.arange(len(test))
-    ic = others[torch.randperm(len(others), generator=gen)[:len(it)]]
-    inputs = ImageSet(torch.cat([test.x[ic], trig.x[it]]), torch.cat([test.y[ic], trig.y_target[it]]))
-    truth_mask = torch.cat([torch.zeros(len(ic), dtype=torch.bool), torch.ones(len(it), dtype=torch.bool)])
+    inputs, truth_mask = test_time_mix(attack, test, triggered, seed)
     return inputs, truth_mask, "test-time mix"
+
+
+def test_time_mix(attack, test: ImageSet, triggered: TriggeredSet, seed: int) -> tuple[ImageSet, torch.Tensor]:
+    """Up to ``MIX_IMAGES`` triggered and as many clean test images, shuffled with ``seed``, without labels.
+
+    The triggered ones come from the model's cached triggered test set (the images its ASR was
+    measured on: for all-to-one, test images whose true label is not the target); the clean ones
+    from the other test images, every class, the target's included, so that neither the order, nor
+    a label, nor a class tells the two apart. Only the truth mask (triggered or not) says which is
+    which, and it stays with the harness.
+    """
+    eligible = (test.y != attack.target).nonzero().flatten() if attack.label_mode == "all2one" else torch.arange(len(test))
+    if len(eligible) != len(triggered):
+        raise ValueError(f"the cached triggered test set has {len(triggered)} images, the attack selects {len(eligible)}")
+    gen = torch.Generator().manual_seed(seed)
+    n = min(MIX_IMAGES, len(eligible), len(test) // 2)
+    pick = torch.randperm(len(eligible), generator=gen)[:n]  # positions in the triggered set
+    rest = torch.ones(len(test), dtype=torch.bool)
+    rest[eligible[pick]] = False  # a test image is in the mix once, clean or triggered
+    others = rest.nonzero().flatten()
+    clean_idx = others[torch.randperm(len(others), generator=gen)[:n]]
+    x = torch.cat([test.x[clean_idx], triggered.x[pick]])
+    truth_mask = torch.cat([torch.zeros(len(clean_idx), dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    order = torch.randperm(len(x), generator=gen)
+    return ImageSet.unlabelled(x[order]), truth_mask[order]
 
 
 def tpr_at_fpr(positives: Sequence[float], negatives: Sequence[float], fpr: float) -> float | None:

@@ -46,7 +46,7 @@ import detectors as _detectors  # noqa: F401  (registers the built-in detectors)
 from attacks.base import ATTACKS, Attack, prepare_attack
 from bench.config import Config, build, param
 from bench.data import DATASETS, Dataset, ImageSet, cache_dir, defense_subset
-from bench.detect import NOT_APPLICABLE, DetectCell, base_detect_record as _detect_base, safe_detect_cell
+from bench.detect import INPUTS_VERSION, NOT_APPLICABLE, DetectCell, base_detect_record as _detect_base, safe_detect_cell
 from bench.metrics import TriggeredSet, evaluate
 from bench.models import MODELS, ModelSpec
 from bench.presets import PRESETS, Preset
@@ -638,13 +638,15 @@ def _pct(v: float | None) -> str:
 def _is_done(rec: dict | None, cell: Cell | DetectCell) -> bool:
     """A removal or detection cell is finished if its record is ok (a detection cell's may also be "not
     applicable") and was made with the same model, the same defense or detector config, run config and
-    defense-data pool."""
+    defense-data pool (and, for a sample- or input-level detector, the same scored inputs: ``INPUTS_VERSION``)."""
     kind, comp = ("defense", cell.defense) if isinstance(cell, Cell) else ("detector", cell.detector)
     if rec is None or rec.get("status") not in ("ok", *(() if kind == "defense" else (NOT_APPLICABLE,))):
         return False
     cfg = rec.get("config", {})
     want = json.loads(json.dumps({  # as the record stores them (tuples become lists)
         kind: {"name": comp.name, **comp.to_dict()}, "run": cell.run.to_dict()}))
+    if kind == "detector" and cell.detector.level != "model" and cfg.get("inputs_version") != INPUTS_VERSION:
+        return False
     return (cfg.get("model_key") == cell.job.key and cfg.get(kind) == want[kind] and cfg.get("run") == want["run"]
             and cfg.get("defense_pool", "unpoisoned") == defense_pool(cell.job.attack))
 

@@ -117,8 +117,9 @@ def _per_attack(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[
 
 
 MIX_MARK = "‡"
-MIX_NOTE = ("‡ scored on a test-time mix of clean and triggered test images: the attack stores no poisoned "
-            "training image (it poisons batches on the fly), or the detector works on inputs (STRIP).")
+MIX_NOTE = ("‡ scored on a test-time mix of clean and triggered test images, shuffled and without labels: the "
+            "attack stores no poisoned training image (it poisons batches on the fly), or the detector works on "
+            "inputs (STRIP).")
 
 
 def _sample_rows(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[tuple[str, list[str]]]]:

@@ -35,7 +35,7 @@ from bench.config import param
 from bench.data import ImageSet
 from bench.registry import BenchError
 from defenses.base import DefenseContext
-from detectors.base import DETECTORS, Detection, Detector, features
+from detectors.base import DETECTORS, Detection, Detector, features, input_labels
 
 
 def kmeans2(z: torch.Tensor, gen: torch.Generator, n_init: int = 4, iters: int = 50) -> torch.Tensor:
@@ -72,8 +72,8 @@ class ActivationClustering(Detector):
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:
             raise BenchError("ac is a sample-level detector: it needs the images to score")
-        reps, _ = features(model.to(ctx.device), inputs.x, device=ctx.device, bf16=ctx.bf16)
-        labels = inputs.y.cpu()
+        reps, logits = features(model.to(ctx.device), inputs.x, device=ctx.device, bf16=ctx.bf16)
+        labels = input_labels(inputs, logits)  # the model's predictions where the inputs carry no labels
         gen = torch.Generator().manual_seed(ctx.seed)
         scores = torch.zeros(len(reps))
         flagged = 0

@@ -17,9 +17,10 @@ Levels (``level``):
 - ``"sample"``: which of these labelled images are poisoned? The detector is also called with
   ``inputs``: the images the model was trained on, with the labels it was trained on and
   without any poison mark (for an attack that poisons batches on the fly and stores no image,
-  a test-time mix of clean and triggered images; see ``bench.detect``). ``Detection.scores``
-  holds one number per input, larger = more likely poisoned.
-- ``"input"``: is this input triggered? As ``"sample"``, always on the test-time mix.
+  a test-time mix of clean and triggered images, see ``bench.detect``, which carries no labels:
+  ``inputs.labelled`` is False and ``input_labels`` gives the model's predictions instead).
+  ``Detection.scores`` holds one number per input, larger = more likely poisoned.
+- ``"input"``: is this input triggered? As ``"sample"``, always on the unlabelled test-time mix.
 
 A detector whose settings are those of a defense (RNP's detectors unlearn exactly as the
 ``rnp`` defense does) names it in ``settings_from``: the grid then gives the detector that
@@ -68,6 +69,13 @@ class Detector(Config):
 
     def check(self, model: nn.Module) -> None:
         """Raise ``BenchError`` if a setting names something ``model`` lacks (as ``Defense.check``)."""
+
+
+def input_labels(inputs: ImageSet, logits: torch.Tensor) -> torch.Tensor:
+    """The label of each input a detector may group or score by: the given one, or, where the inputs carry
+    none (the test-time mix: at test time nobody knows an input's label), the model's prediction
+    (``logits``: the model's, for ``inputs``)."""
+    return inputs.y.cpu() if inputs.labelled else logits.argmax(1).cpu()
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ Score, one per image (larger = more likely poisoned), by ``signal``, as a logit 
 for many images and then ties; the margin keeps ranking them):
 - ``"unlearned"`` (default): ``c`` = the image's given label. A poisoned training image is
   labelled with the target (dirty-label) and carries the trigger, which the unlearned model still
-  follows; a clean image's own label is what unlearning removed.
+  follows; a clean image's own label is what unlearning removed. On inputs without labels (the
+  test-time mix) the backdoored model's prediction stands in for the given label.
 - ``"target"``: ``c`` = the unlearned model's most predicted label on the defense data
   (``rnp_label``'s label), whatever the given label: the only candidate for clean-label attacks,
   whose poisoned images keep their true label.
@@ -33,7 +34,7 @@ from bench.data import ImageSet
 from bench.registry import BenchError
 from defenses.base import DefenseContext
 from defenses.rnp import RNP
-from detectors.base import DETECTORS, Detection, Detector, features
+from detectors.base import DETECTORS, Detection, Detector, features, input_labels
 from detectors.rnp_label import unlearned_label
 
 
@@ -58,7 +59,13 @@ class RNPSamples(RNP, Detector):
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:
             raise BenchError("rnp_samples is a sample-level detector: it needs the images to score")
+        given = None
+        if self.signal == "unlearned" and not inputs.labelled:  # the test-time mix: the backdoored model's labels
+            given = input_labels(inputs, features(model.to(ctx.device), inputs.x, device=ctx.device, bf16=ctx.bf16)[1])
         unlearned, label, info = unlearned_label(self, model, clean, ctx)
         _, logits = features(unlearned, inputs.x, device=ctx.device, bf16=ctx.bf16)
-        col = inputs.y.cpu() if self.signal == "unlearned" else torch.full((len(logits),), label, dtype=torch.long)
+        if self.signal == "target":
+            col = torch.full((len(logits),), label, dtype=torch.long)
+        else:
+            col = inputs.y.cpu() if given is None else given
         return Detection(scores=logit_margin(logits, col), info={**info, "signal": self.signal, "unlearn_label": label})

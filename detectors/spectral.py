@@ -17,8 +17,9 @@ Departures, with reasons:
 - Representation: the input of the model's last linear layer (``detectors.base.features``), so
   any classifier works; BackdoorBench hooks model-specific blocks (ResNet's ``layer4`` before
   pooling).
-- Every label is examined. BackdoorBench's config passes the attack's target label when known
-  (``target_label``), which a fair detector is never given.
+- Every label is examined (on inputs without labels, the test-time mix, the model's predicted
+  labels take their place: ``detectors.base.input_labels``). BackdoorBench's config passes the
+  attack's target label when known (``target_label``), which a fair detector is never given.
 - Scores are divided by their label's median score, so that labels of different spread rank on one
   scale (the paper ranks within a label only). BackdoorBench projects the uncentred
   representations; the paper and we project the centred ones.
@@ -36,7 +37,7 @@ from bench.config import param
 from bench.data import ImageSet
 from bench.registry import BenchError
 from defenses.base import DefenseContext
-from detectors.base import DETECTORS, Detection, Detector, features
+from detectors.base import DETECTORS, Detection, Detector, features, input_labels
 
 
 def spectral_scores(reps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,10 +68,11 @@ class SpectralSignatures(Detector):
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:
             raise BenchError("spectral is a sample-level detector: it needs the images to score")
-        reps, _ = features(model.to(ctx.device), inputs.x, device=ctx.device, bf16=ctx.bf16)
-        scores = spectral_scores(reps, inputs.y.cpu())
+        reps, logits = features(model.to(ctx.device), inputs.x, device=ctx.device, bf16=ctx.bf16)
+        labels = input_labels(inputs, logits)
+        scores = spectral_scores(reps, labels)
         flagged = 0
-        for c in inputs.y.unique().tolist():
-            s = scores[inputs.y.cpu() == c]
+        for c in labels.unique().tolist():
+            s = scores[labels == c]
             flagged += int((s > torch.quantile(s, self.percentile / 100)).sum()) if len(s) > 1 else 0
         return Detection(scores=scores.float(), info={"flagged": flagged, "feature_dim": int(reps.shape[1])})

@@ -436,30 +436,89 @@ class SpySamples(Detector):
         return Detection(scores=torch.arange(len(inputs), dtype=torch.float32), info={})
 
 
+@dataclasses.dataclass(frozen=True)
+class SpyLabels(Detector):
+    name = "spy_labels"
+    description = "test-only: an input-level detector that scores each input by whether its label is the target (1)"
+    paper = "-"
+    level = "input"
+
+    def __call__(self, model, clean, c, inputs=None):
+        SEEN.append(inputs)
+        return Detection(scores=(inputs.y == 1).float(), info={})
+
+
 def test_sample_level_cells_score_the_rebuilt_training_set_a_test_mix_or_are_not_applicable(tmp_path):
-    from bench.data import DATASETS
+    from bench.data import DATASETS, UNLABELLED
     from bench.detect import NOT_APPLICABLE
 
     SEEN.clear()
-    cells, det = grid(tmp_path, [SpySamples()], attacks=("clean", "badnets", "wanet"))
+    cells, det = grid(tmp_path, [SpySamples(), SpyLabels()], attacks=("clean", "badnets", "wanet"))
     run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda s: None, detect=det)
-    dets = {d["attack"]: d for d in map(json.loads, (tmp_path / "run" / "detections.jsonl").read_text().splitlines())}
-    assert dets["clean"]["status"] == NOT_APPLICABLE and "clean model" in dets["clean"]["info"]["reason"]
-    bd, wa = dets["badnets"], dets["wanet"]
+    dets = {(d["attack"], d["detector"]): d
+            for d in map(json.loads, (tmp_path / "run" / "detections.jsonl").read_text().splitlines())}
+    assert dets["clean", "spy_samples"]["status"] == NOT_APPLICABLE and "clean model" in dets["clean", "spy_samples"]["info"]["reason"]
+    bd, wa = dets["badnets", "spy_samples"], dets["wanet", "spy_samples"]
     assert bd["status"] == wa["status"] == "ok"
     train_set, _ = DATASETS.get("synthetic")(n_train=300, n_test=100).load()
     assert bd["detection"]["source"] == "training set" and bd["detection"]["inputs"] == len(train_set)
+    assert bd["detection"]["labelled"] is True and wa["detection"]["labelled"] is False
     assert wa["detection"]["source"] == "test-time mix" and wa["detection"]["poisoned"] == wa["detection"]["inputs"] // 2
-    # The spy's score is the index: on the test mix (clean first, triggered after) that ranks every
-    # triggered input above every clean one; the harness must see that with its truth.
-    assert wa["detection"]["auroc"] == 1.0 and wa["detection"]["precision_at_k"] == 1.0
-    assert len(SEEN) == 2  # not called where nothing is to be found
+    # Neither the position of an input in the mix nor its label gives the truth away: a scorer by
+    # index, and one by "label == target", stay at chance (the mix of the old harness, clean first,
+    # triggered images labelled with the target, gave both an AUROC of 1.0).
+    assert abs(wa["detection"]["auroc"] - 0.5) < 0.2
+    for attack in ("badnets", "wanet"):
+        assert dets[attack, "spy_labels"]["detection"]["auroc"] == 0.5
+    assert len(SEEN) == 4  # not called where nothing is to be found
     # The training-set inputs are the poisoned set as trained: labels of poisoned images are the target.
-    x = SEEN[0]
-    assert int((x.y == 1).sum()) > int((train_set.y == 1).sum())
+    sample_inputs = [x for x in SEEN if len(x) == len(train_set)]
+    assert len(sample_inputs) == 1 and int((sample_inputs[0].y == 1).sum()) > int((train_set.y == 1).sum())
+    assert all(bool((x.y == UNLABELLED).all()) for x in SEEN if len(x) != len(train_set)), "the mix carries no labels"
     logs: list[str] = []
     run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=logs.append, detect=det)
-    assert any("3 of 3 detection cells already finished" in m for m in logs), "a 'not applicable' cell counts as done"
+    assert any("6 of 6 detection cells already finished" in m for m in logs), "a 'not applicable' cell counts as done"
+
+
+def test_the_test_time_mix_is_shuffled_unlabelled_and_holds_clean_target_class_images():
+    """The mix a detector scores: order and labels say nothing; the clean part has every class."""
+    from bench.data import DATASETS
+    from bench.detect import MIX_IMAGES, auroc, test_time_mix
+
+    _, test = DATASETS.get("synthetic")(n_train=10, n_test=2000).load()
+    atk = ATTACKS.get("badnets")(target=1)
+    atk.prepare(10, 3, 32, test, 0)
+    mix, truth_mask = test_time_mix(atk, test, atk.test_set(test), seed=3)
+    assert len(mix) == 2 * MIX_IMAGES and int(truth_mask.sum()) == MIX_IMAGES and not mix.labelled
+    pos = torch.arange(len(mix), dtype=torch.float64)
+    assert abs(auroc(pos[truth_mask].tolist(), pos[~truth_mask].tolist()) - 0.5) < 0.06  # order: chance
+    # The clean inputs are test images of every class, the target's included, each at most once.
+    rows = {bytes(r.numpy().tobytes()): int(l) for r, l in zip(test.x.flatten(1), test.y)}
+    clean_labels = [rows[bytes(r.numpy().tobytes())] for r in mix.x[~truth_mask].flatten(1)]
+    assert set(clean_labels) == set(range(10)) and clean_labels.count(1) > 20
+    assert len({bytes(r.numpy().tobytes()) for r in mix.x.flatten(1)}) == len(mix)
+    # The triggered inputs carry the trigger (BadNets' corner patch), the clean ones do not.
+    triggered_rows = {bytes(r.numpy().tobytes()) for r in atk.test_set(test).x.flatten(1)}
+    assert all(bytes(r.numpy().tobytes()) in triggered_rows for r in mix.x[truth_mask].flatten(1))
+    # Seeded: the same seed gives the same mix, another seed another order.
+    again, t2 = test_time_mix(atk, test, atk.test_set(test), seed=3)
+    assert torch.equal(again.x, mix.x) and torch.equal(t2, truth_mask)
+    assert not torch.equal(test_time_mix(atk, test, atk.test_set(test), seed=4)[1], truth_mask)
+
+
+def test_sample_level_detectors_group_unlabelled_inputs_by_the_models_prediction(models):
+    """On the unlabelled mix, Spectral Signatures groups by predicted label: the same scores as when
+    the inputs carry the model's predictions as labels (and not those of the all-UNLABELLED group)."""
+    from bench.train import predict
+
+    x = prototypes(200, seed=9).x
+    pred = predict(models["backdoored"], x, bf16=False)
+    det = make("spectral")
+    by_pred = det(models["backdoored"], prototypes(8, seed=2), ctx(), ImageSet(x, pred)).scores
+    unlabelled = det(models["backdoored"], prototypes(8, seed=2), ctx(), ImageSet.unlabelled(x)).scores
+    assert torch.allclose(by_pred, unlabelled)
+    assert not torch.allclose(unlabelled, det(models["backdoored"], prototypes(8, seed=2), ctx(),
+                                              ImageSet(x, torch.zeros_like(pred))).scores)
 
 
 def test_tpr_at_fpr_and_precision_at_k():
