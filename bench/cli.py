@@ -134,17 +134,18 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
         seeds=_seeds(seeds),
         overrides=parse_sets(sets),
         detectors=_split(detect, DETECTORS, "detect") if detect is not None else [],
+        data_dir=data_dir,
     )
-    cells, detect_cells = spec.resolve_all()  # every name and value is checked here, before any work
     if data_dir is not None and not Path(data_dir).is_dir():
         raise BenchError(f"--data-dir {data_dir} is not a folder")
+    cells, detect_cells = spec.resolve_all()  # every name and value is checked here, before any work
     if out is None:
         first = cells[0].job
         out = Path("results") / f"{preset}-{first.dataset.name}-{first.model.name}-" \
             f"{content_hash({'cells': [c.id for c in cells], 'sets': sorted(sets)}, 8)}"
     extra = f" + {len(detect_cells)} detection cells" if detect_cells else ""
     click.echo(f"run folder: {out}  ({len(cells)} cells{extra}, device {dev}, jobs {jobs})")
-    records = run_grid(cells, out, preset=preset, data_dir=data_dir, device=dev, jobs=jobs, progress=not quiet,
+    records = run_grid(cells, out, preset=preset, device=dev, jobs=jobs, progress=not quiet,
                        log=lambda m: click.echo(m), detect=detect_cells)
     paths = write_reports(out)
     click.echo("")

@@ -1,17 +1,24 @@
 """Datasets as in-memory uint8 tensors, batched augmentation, and the clean defense subset.
 
 Every dataset loads to two ``ImageSet``s (train, test): ``x`` uint8 ``[N, C, H, W]``
-and ``y`` int64 ``[N]``. Real sets are decoded once through torchvision and cached as
-safetensors under ``cache_dir()/datasets``, so a second load is a file read. The
-dataset class declares its augmentation (random crop with zero padding, horizontal
-flip or not), which ``augment`` applies to whole batches on the device.
+and ``y`` int64 ``[N]``. Real sets are decoded once (GTSRB's images through torchvision's
+file list and PIL, MNIST's IDX files directly, CIFAR's pickled batches by an unpickler that
+builds numpy arrays only) and cached as safetensors under ``cache_dir()/datasets``, keyed by
+the data folder and a fingerprint of its files, so a second load is a file read and another
+copy of the data is decoded anew. ``Dataset.provenance`` says where the images came from and
+carries their digest, which keys the models trained on them. The dataset class declares its
+augmentation (random crop with zero padding, horizontal flip or not), which ``augment``
+applies to whole batches on the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +28,7 @@ import torch
 
 from bench.config import Config, param
 from bench.registry import BenchError, Registry
+from bench.store import content_hash, load_tensors_and_metadata, save_tensors
 
 
 UNLABELLED = -1  # the label of an input whose label nobody knows (the detection track's test-time mix)
@@ -85,7 +93,16 @@ def augment(x: torch.Tensor, aug: Augmentation, gen: torch.Generator) -> torch.T
 
 
 DATASETS: Registry[type["Dataset"]] = Registry("dataset")
-_LOADED: dict[tuple, tuple["ImageSet", "ImageSet"]] = {}  # Dataset.load's per-process memo
+_LOADED: dict[tuple, "Loaded"] = {}  # Dataset.load's per-process memo
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded dataset: the two sets and where they came from (``Dataset.provenance``)."""
+
+    train: ImageSet
+    test: ImageSet
+    provenance: dict
 
 
 @dataclass(frozen=True)
@@ -108,20 +125,28 @@ class Dataset(Config):
 
         The sets are shared between callers; nothing may write into them (attacks clone first).
         """
+        loaded = self._loaded(data_dir)
+        return loaded.train, loaded.test
+
+    def provenance(self, data_dir: str | None = None) -> dict:
+        """Where the loaded images come from: ``source`` ("built-in", or the data folder with the count,
+        bytes and a fingerprint of the files decoded) and ``digest``, a sha256 of the decoded images and
+        labels (before ``train_subset``), which keys the models trained on them."""
+        return self._loaded(data_dir).provenance
+
+    def _loaded(self, data_dir: str | None) -> Loaded:
         root = resolve_data_dir(data_dir)
         key = (self, str(root), str(cache_dir()))
         if key not in _LOADED:
-            _LOADED[key] = self._load_subset(root)
+            (train, test), prov = self._load(root)
+            if self.train_subset and self.train_subset < len(train):
+                gen = torch.Generator().manual_seed(1234)
+                train = train.subset(torch.randperm(len(train), generator=gen)[: self.train_subset].sort().values)
+            _LOADED[key] = Loaded(train, test, prov)
         return _LOADED[key]
 
-    def _load_subset(self, root: Path) -> tuple[ImageSet, ImageSet]:
-        train, test = self._load(root)
-        if self.train_subset and self.train_subset < len(train):
-            gen = torch.Generator().manual_seed(1234)
-            train = train.subset(torch.randperm(len(train), generator=gen)[: self.train_subset].sort().values)
-        return train, test
-
-    def _load(self, root: Path) -> tuple[ImageSet, ImageSet]:
+    def _load(self, root: Path) -> tuple[tuple[ImageSet, ImageSet], dict]:
+        """((train, test), provenance): built-in sets return ``built_in(...)``, real ones ``_cached(...)``."""
         raise NotImplementedError
 
 
@@ -144,16 +169,58 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(env).expanduser() if env else cache_dir() / "data"
 
 
-def _cached(key: str, decode) -> tuple[ImageSet, ImageSet]:
-    from bench.store import load_tensors, save_tensors
+def digest(train: ImageSet, test: ImageSet) -> str:
+    """sha256 of the decoded images and labels, both splits (a 160 MB GTSRB in ~0.3 s)."""
+    h = hashlib.sha256()
+    for t in (train.x, train.y, test.x, test.y):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
-    path = cache_dir() / "datasets" / f"{key}.safetensors"
+
+def built_in(train: ImageSet, test: ImageSet) -> tuple[tuple[ImageSet, ImageSet], dict]:
+    """A generated dataset's sets and provenance: no files, only the digest of what was generated."""
+    return (train, test), {"source": "built-in", "digest": digest(train, test)}
+
+
+def source_files(root: Path, paths: list[Path]) -> dict:
+    """What a real dataset is decoded from: the resolved folder, and for every file under ``paths``
+    its path relative to ``root``, size and modification time, as a count, a byte total and a
+    fingerprint (sha256 of the sorted list). A changed, added or removed file changes it; a walk of
+    GTSRB's 51,883 files takes under a second."""
+    entries = []
+    for p in paths:
+        if p.is_file():
+            st = p.stat()
+            entries.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+            continue
+        for folder, _, names in os.walk(p):
+            for n in names:
+                st = os.stat(os.path.join(folder, n))
+                entries.append((os.path.relpath(os.path.join(folder, n), root), st.st_size, st.st_mtime_ns))
+    entries.sort()
+    fp = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return {"path": str(root.resolve()), "files": len(entries), "bytes": sum(e[1] for e in entries), "fingerprint": fp}
+
+
+def _cached(name: str, version: int, source: dict, decode) -> tuple[tuple[ImageSet, ImageSet], dict]:
+    """The decoded sets of ``name`` from ``source`` (``source_files``), decoded once and then read from
+    ``cache_dir()/datasets``: the cache file is keyed by the name, the decoder's ``version`` and the
+    source (folder and fingerprint), so another copy of the data, or a changed file, is decoded anew
+    instead of silently reusing the first. An unreadable cache file is decoded anew too."""
+    key = content_hash({"name": name, "version": version, "path": source["path"], "fingerprint": source["fingerprint"]})
+    path = cache_dir() / "datasets" / f"{name}-{key}.safetensors"
     if path.exists():
-        t = load_tensors(path)
-        return ImageSet(t["train_x"], t["train_y"]), ImageSet(t["test_x"], t["test_y"])
+        try:
+            t, meta = load_tensors_and_metadata(path)
+            return (ImageSet(t["train_x"], t["train_y"]), ImageSet(t["test_x"], t["test_y"])), json.loads(meta["provenance"])
+        except Exception:  # a torn or foreign file (never unpickled: safetensors only): decode again
+            pass
     train, test = decode()
-    save_tensors(path, {"train_x": train.x, "train_y": train.y, "test_x": test.x, "test_y": test.y})
-    return train, test
+    prov = {"source": source, "digest": digest(train, test)}
+    save_tensors(path, {"train_x": train.x, "train_y": train.y, "test_x": test.x, "test_y": test.y},
+                 metadata={"provenance": json.dumps(prov)})
+    return (train, test), prov
 
 
 def _missing(name: str, root: Path, expect: str) -> BenchError:
@@ -198,9 +265,9 @@ class Synthetic(Dataset):
     seed: int = param(0, doc="generator seed (the data, not the run)")
     noise: float = param(0.06, low=0.0, high=1.0, doc="std of the Gaussian pixel noise")
 
-    def _load(self, root: Path) -> tuple[ImageSet, ImageSet]:
+    def _load(self, root: Path) -> tuple[tuple[ImageSet, ImageSet], dict]:
         gen = torch.Generator().manual_seed(self.seed)
-        return self.draw(self.n_train, gen), self.draw(self.n_test, gen)
+        return built_in(self.draw(self.n_train, gen), self.draw(self.n_test, gen))
 
     def draw(self, n: int, gen: torch.Generator) -> ImageSet:
         s = self.size
@@ -233,32 +300,125 @@ class Synthetic(Dataset):
         return ImageSet((img.clamp(0, 1) * 255).round().to(torch.uint8), y.long())
 
 
-@DATASETS.register("cifar10")
+def _latin1(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of bytes call it (``encode(text, "latin1")``), and nothing else."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}: only latin1 byte strings")
+    return text.encode("latin1")
+
+
+class ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, bytes, numbers, lists and dicts and nothing else.
+
+    A CIFAR batch file is a Python pickle (a dict of a uint8 array, a list of labels, byte
+    strings), and a pickle may name any importable callable to run while it loads. Here the only
+    names resolved are numpy's array reconstructor, ``numpy.ndarray`` and ``numpy.dtype`` (under
+    the module names numpy 1 and 2 write) and, for byte strings pickled by Python 3 at protocol 2,
+    ``_codecs.encode`` restricted to latin-1; any other name is refused before anything runs
+    (the "Restricting Globals" recipe of Python's ``pickle`` documentation).
+    """
+
+    ALLOWED = {
+        ("_codecs", "encode"): _latin1,
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are allowed") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused a persistent id: only numpy arrays are allowed")
+
+
+def read_cifar_batch(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 ``[N, 3, 32, 32]``, labels int64) of one CIFAR-10/100 batch file, read with
+    ``ArraysOnly``; a file that asks for anything else fails on one line and nothing of it runs."""
+    try:
+        with open(path, "rb") as f:
+            batch = ArraysOnly(f, encoding="bytes").load()
+        data, labels = batch[b"data"], batch[label_key]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{b'data'!r} is not a uint8 array of N x 3072")
+        y = torch.tensor([int(v) for v in labels], dtype=torch.long)
+        if len(y) != len(data):
+            raise ValueError(f"{len(data)} images but {len(y)} labels")
+    except Exception as exc:
+        raise BenchError(f"{path} is not a CIFAR batch this loader reads ({type(exc).__name__}: {exc}); "
+                         "expected the official python-version batches") from None
+    return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), y
+
+
 @dataclass(frozen=True)
-class CIFAR10(Dataset):
-    num_classes: ClassVar[int] = 10
+class _CIFAR(Dataset):
+    """CIFAR-10 and CIFAR-100 from the official python-version batches (torchvision's folder layout
+    and md5 list), unpickled by ``ArraysOnly`` only: torchvision's own loader unpickles without limits."""
+
     channels: ClassVar[int] = 3
     size: ClassVar[int] = 32
+    augmentation: ClassVar[Augmentation] = Augmentation(pad=4, flip=True)
+    label_key: ClassVar[bytes]
+
+    @classmethod
+    def _torchvision(cls):
+        from torchvision import datasets
+
+        return {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[cls.name]
+
+    def _load(self, root: Path) -> tuple[tuple[ImageSet, ImageSet], dict]:
+        from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+        tv = self._torchvision()
+        folder = root / tv.base_folder
+        if not folder.is_dir():
+            try:  # where a network exists; the archive's md5 is checked by torchvision
+                download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
+            except Exception:
+                raise _missing(self.name.upper().replace("CIFAR", "CIFAR-"), root, f"{tv.base_folder}/") from None
+        files = [(folder / name, md5) for name, md5 in [*tv.train_list, *tv.test_list]]
+
+        def decode() -> tuple[ImageSet, ImageSet]:
+            parts = []
+            for path, md5 in files:
+                if not check_integrity(str(path), md5):
+                    raise BenchError(f"{path} is missing or is not the official file (md5 differs from {md5}); "
+                                     f"replace {folder} with the official {tv.filename}")
+                parts.append(read_cifar_batch(path, self.label_key))
+            n_train = len(tv.train_list)
+            train, test = parts[:n_train], parts[n_train:]
+            return (ImageSet(torch.cat([p[0] for p in train]), torch.cat([p[1] for p in train])),
+                    ImageSet(torch.cat([p[0] for p in test]), torch.cat([p[1] for p in test])))
+
+        return _cached(self.name, 2, source_files(root, [f for f, _ in files]), decode)
+
+
+@DATASETS.register("cifar10")
+@dataclass(frozen=True)
+class CIFAR10(_CIFAR):
+    num_classes: ClassVar[int] = 10
     mean: ClassVar[tuple[float, ...]] = (0.4914, 0.4822, 0.4465)
     std: ClassVar[tuple[float, ...]] = (0.2470, 0.2435, 0.2616)
-    augmentation: ClassVar[Augmentation] = Augmentation(pad=4, flip=True)
-    description: ClassVar[str] = "CIFAR-10, 50k/10k 32x32 RGB, 10 classes (torchvision cifar-10-batches-py)"
+    description: ClassVar[str] = "CIFAR-10, 50k/10k 32x32 RGB, 10 classes (cifar-10-batches-py, md5-checked)"
     paper: ClassVar[str] = "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009"
+    label_key: ClassVar[bytes] = b"labels"
 
-    def _load(self, root: Path) -> tuple[ImageSet, ImageSet]:
-        def decode() -> tuple[ImageSet, ImageSet]:
-            from torchvision.datasets import CIFAR10 as TV
 
-            out = []
-            for train in (True, False):
-                try:  # torchvision verifies each batch file's md5 before reading it
-                    ds = TV(str(root), train=train, download=True)
-                except Exception:
-                    raise _missing("CIFAR-10", root, "cifar-10-batches-py/") from None
-                out.append(ImageSet(_to_uint8_chw(ds.data), torch.tensor(ds.targets, dtype=torch.long)))
-            return out[0], out[1]
-
-        return _cached("cifar10", decode)
+@DATASETS.register("cifar100")
+@dataclass(frozen=True)
+class CIFAR100(_CIFAR):
+    num_classes: ClassVar[int] = 100
+    # Per-channel mean and std of the 50,000 training images (the figures quoted with CIFAR-100 training
+    # code, e.g. weiaicunzai/pytorch-cifar100's conf/global_settings.py).
+    mean: ClassVar[tuple[float, ...]] = (0.5071, 0.4865, 0.4409)
+    std: ClassVar[tuple[float, ...]] = (0.2673, 0.2564, 0.2762)
+    description: ClassVar[str] = "CIFAR-100, 50k/10k 32x32 RGB, 100 fine classes (cifar-100-python, md5-checked)"
+    paper: ClassVar[str] = "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009"
+    label_key: ClassVar[bytes] = b"fine_labels"
 
 
 @DATASETS.register("gtsrb")
@@ -274,23 +434,31 @@ class GTSRB(Dataset):
     description: ClassVar[str] = "GTSRB traffic signs resized to 32x32, 39,209/12,630 images, 43 classes"
     paper: ClassVar[str] = "Stallkamp et al., The German Traffic Sign Recognition Benchmark, IJCNN 2011"
 
-    def _load(self, root: Path) -> tuple[ImageSet, ImageSet]:
+    def _load(self, root: Path) -> tuple[tuple[ImageSet, ImageSet], dict]:
+        def split(name: str, download: bool = False):
+            from torchvision.datasets import GTSRB as TV  # here: importing torchvision takes seconds
+
+            try:
+                return TV(str(root), split=name, download=download)
+            except Exception:
+                raise _missing("GTSRB", root, "gtsrb/GTSRB/Training and gtsrb/GTSRB/Final_Test") from None
+
+        if not (root / "gtsrb").exists():  # downloaded into our own data folder where a network exists
+            for name in ("train", "test"):
+                split(name, download=True)
+
         def decode() -> tuple[ImageSet, ImageSet]:
             from PIL import Image
-            from torchvision.datasets import GTSRB as TV
 
             out = []
-            for split in ("train", "test"):
-                try:
-                    ds = TV(str(root), split=split, download=not (root / "gtsrb").exists())
-                except Exception:
-                    raise _missing("GTSRB", root, "gtsrb/GTSRB/Training and gtsrb/GTSRB/Final_Test") from None
-                imgs = [np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR)) for p, _ in ds._samples]
-                labels = torch.tensor([t for _, t in ds._samples], dtype=torch.long)
+            for name in ("train", "test"):
+                samples = split(name)._samples
+                imgs = [np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR)) for p, _ in samples]
+                labels = torch.tensor([t for _, t in samples], dtype=torch.long)
                 out.append(ImageSet(_to_uint8_chw(np.stack(imgs)), labels))
             return out[0], out[1]
 
-        return _cached("gtsrb32", decode)
+        return _cached("gtsrb32", 1, source_files(root, [root / "gtsrb"]), decode)
 
 
 @DATASETS.register("mnist")
@@ -306,22 +474,25 @@ class MNIST(Dataset):
     description: ClassVar[str] = "MNIST digits, 60k/10k 28x28 grayscale, 10 classes"
     paper: ClassVar[str] = "LeCun et al., Gradient-Based Learning Applied to Document Recognition, 1998"
 
-    def _load(self, root: Path) -> tuple[ImageSet, ImageSet]:
-        def decode() -> tuple[ImageSet, ImageSet]:
-            raw = root / "MNIST" / "raw"
-            if not (raw / "train-images-idx3-ubyte.gz").exists() and not (raw / "train-images-idx3-ubyte").exists():
-                try:  # downloads into our own data folder, never into a read-only one
-                    from torchvision.datasets import MNIST as TV
+    def _load(self, root: Path) -> tuple[tuple[ImageSet, ImageSet], dict]:
+        raw = root / "MNIST" / "raw"
+        names = [f"{p}-{kind}" for p in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+        if not all((raw / n).exists() or (raw / f"{n}.gz").exists() for n in names):
+            try:  # downloads into our own data folder, never into a read-only one
+                from torchvision.datasets import MNIST as TV
 
-                    TV(str(root), download=True)
-                except Exception:
-                    raise _missing("MNIST", root, "MNIST/raw/*-ubyte.gz") from None
+                TV(str(root), download=True)
+            except Exception:
+                raise _missing("MNIST", root, "MNIST/raw/*-ubyte.gz") from None
+
+        def decode() -> tuple[ImageSet, ImageSet]:
             return tuple(  # type: ignore[return-value]
                 ImageSet(_to_uint8_chw(_idx(raw, f"{p}-images-idx3-ubyte")), torch.from_numpy(_idx(raw, f"{p}-labels-idx1-ubyte").astype(np.int64)))
                 for p in ("train", "t10k")
             )
 
-        return _cached("mnist", decode)
+        read = [raw / n if (raw / n).exists() else raw / f"{n}.gz" for n in names]  # the files _idx reads
+        return _cached("mnist", 1, source_files(root, read), decode)
 
 
 def _idx(raw: Path, name: str) -> np.ndarray:

@@ -73,7 +73,7 @@ def base_detect_record(cell: DetectCell, preset: str) -> dict:
         "cell": cell.id, "dataset": j.dataset.name, "model": j.model.name, "attack": j.attack.name,
         "detector": cell.detector.name, "level": cell.detector.level, "seed": j.seed,
         "status": "failed", "error": None, "truth": truth(j.attack), "detection": None,
-        "seconds": {"detect": None}, "info": {},
+        "seconds": {"detect": None}, "info": {}, "data": None,
         "config": {"preset": preset, **job_config(j), "detector": {"name": cell.detector.name, **cell.detector.to_dict()},
                    "run": cell.run.to_dict(), "model_key": j.key, "defense_pool": defense_pool(j.attack),
                    **({} if cell.detector.level == "model" else {"inputs_version": INPUTS_VERSION})},
@@ -81,7 +81,7 @@ def base_detect_record(cell: DetectCell, preset: str) -> dict:
     }
 
 
-def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset: str) -> dict:
+def run_detect_cell(cell: DetectCell, device: str, preset: str) -> dict:
     """Run the cell's detector on the cached model and score its answer; return the record."""
     from bench.grid import defense_data, load_backdoored, model_dir
     from bench.store import read_json
@@ -90,7 +90,8 @@ def run_detect_cell(cell: DetectCell, data_dir: str | None, device: str, preset:
     ds = job.dataset
     rec = base_detect_record(cell, preset)
     rec["truth"]["asr"] = read_json(model_dir(job) / "meta.json")["metrics"]["asr"]  # did the backdoor implant?
-    train_set, test_set = ds.load(data_dir)
+    train_set, test_set = ds.load(job.data_dir)
+    rec["data"] = job.data
     model, attack, poison_idx, triggered = load_backdoored(job, device)
     clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)  # exactly what a defense of this model gets
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
@@ -250,11 +251,11 @@ def precision_at_k(scores: torch.Tensor, truth_mask: torch.Tensor) -> float | No
     return float(truth_mask[top].double().mean())
 
 
-def safe_detect_cell(cell: DetectCell, data_dir, device, preset) -> dict:
+def safe_detect_cell(cell: DetectCell, device, preset) -> dict:
     from bench.grid import _error
 
     try:
-        return run_detect_cell(cell, data_dir, device, preset)
+        return run_detect_cell(cell, device, preset)
     except Exception as exc:
         rec = base_detect_record(cell, preset)
         rec["error"] = _error(exc)

@@ -79,11 +79,20 @@ class TrainJob:
     attack: Attack
     train: TrainConfig
     seed: int
+    data_dir: str | None = field(default=None, compare=False)  # the data root (None: $BENCH_DATA_DIR, else the cache's)
+
+    @property
+    def data(self) -> dict:
+        """Where the job's images come from and their digest (``Dataset.provenance``; loads the dataset once)."""
+        return self.dataset.provenance(self.data_dir)
 
     @property
     def key(self) -> str:
+        """The model cache key: everything that determines the model, the decoded images' digest included
+        (another copy of the data, or a changed file, trains anew); not the CPU thread count."""
         return content_hash({
             "code": CODE_VERSION,
+            "data": self.data["digest"],
             "dataset": [self.dataset.name, self.dataset.to_dict()],
             "model": [self.model.name, self.model.to_dict()],
             "attack": [self.attack.name, self.attack.to_dict(), getattr(type(self.attack), "version", 1)],
@@ -116,6 +125,7 @@ class GridSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     detectors: list[str] = field(default_factory=list)  # the detection track (--detect); empty: none
+    data_dir: str | None = None  # --data-dir (None: $BENCH_DATA_DIR, else the cache's data folder)
 
     def resolve(self) -> list[Cell]:
         return self.resolve_all()[0]
@@ -163,11 +173,11 @@ class GridSpec:
         if not self.seeds:
             raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
         cells = [
-            Cell(TrainJob(ds, m, a, tcfg, s), d, run)
+            Cell(TrainJob(ds, m, a, tcfg, s, self.data_dir), d, run)
             for ds in datasets for m in models for a in atks for s in self.seeds for d in defs
         ]
         detect = [
-            DetectCell(TrainJob(ds, m, a, tcfg, s), d, run)
+            DetectCell(TrainJob(ds, m, a, tcfg, s, self.data_dir), d, run)
             for ds in datasets for m in models for a in atks for s in self.seeds for d in dets
         ]
         return cells, detect
@@ -189,23 +199,23 @@ def reference_job(job: TrainJob) -> TrainJob:
     return dataclasses.replace(job, attack=ATTACKS.get("clean")())
 
 
-def clean_reference(job: TrainJob, data_dir: str | None, device: str, progress: bool = False) -> torch.nn.Module:
+def clean_reference(job: TrainJob, device: str, progress: bool = False) -> torch.nn.Module:
     """The clean reference model for ``job`` (eval mode, on ``device``): trained once, then from the cache."""
     ref = reference_job(job)
-    train_backdoored(ref, data_dir, device, progress)
+    train_backdoored(ref, device, progress)
     model, *_ = load_backdoored(ref, device)
     return model
 
 
-def train_backdoored(job: TrainJob, data_dir: str | None, device: str, progress: bool = False) -> dict:
+def train_backdoored(job: TrainJob, device: str, progress: bool = False) -> dict:
     """Train (or find cached) the backdoored model of ``job``; return its metadata."""
     out = model_dir(job)
     if (out / "meta.json").exists():
         return read_json(out / "meta.json")
     ds = job.dataset
-    train_set, test_set = ds.load(data_dir)
+    train_set, test_set = ds.load(job.data_dir)
     attack = copy.deepcopy(job.attack)
-    reference = clean_reference(job, data_dir, device, progress) if attack.needs_clean_model else None
+    reference = clean_reference(job, device, progress) if attack.needs_clean_model else None
     prepare_attack(attack, ds.num_classes, ds.channels, ds.size, train_set, job.seed, reference)
     del reference
     poisoned = attack.poison(train_set, job.seed)
@@ -222,6 +232,7 @@ def train_backdoored(job: TrainJob, data_dir: str | None, device: str, progress:
         "eval_seconds": time.perf_counter() - t0,
         "poisoned": int(len(poisoned.poison_idx)),
         "config": job_config(job),
+        "data": job.data,
     }
     if attack.needs_clean_model:  # which cached clean model the trigger was computed on
         meta["reference"] = model_dir(reference_job(job)).name
@@ -292,7 +303,7 @@ def job_config(job: TrainJob) -> dict:
 # ---------------------------------------------------------------- phase 2: defenses
 
 
-def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoor: dict) -> dict:
+def run_cell(cell: Cell, device: str, preset: str, backdoor: dict) -> dict:
     """Apply the cell's defense to the cached backdoored model; return the record."""
     job = cell.job
     ds = job.dataset
@@ -300,7 +311,8 @@ def run_cell(cell: Cell, data_dir: str | None, device: str, preset: str, backdoo
     rec["backdoor"] = backdoor["metrics"]
     rec["seconds"]["train"] = backdoor["train"]["seconds"]
     rec["train_threads"] = backdoor["train"].get("threads")  # CPU threads the model trained with (None: GPU, or not recorded)
-    train_set, test_set = ds.load(data_dir)
+    train_set, test_set = ds.load(job.data_dir)
+    rec["data"] = job.data
     model, attack, poison_idx, triggered = load_backdoored(job, device)
     clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
@@ -356,6 +368,7 @@ def base_record(cell: Cell, preset: str) -> dict:
         "backdoor": None,
         "seconds": {"train": None, "defense": None, "eval": None},
         "info": {},
+        "data": None,
         "config": {
             "preset": preset,
             **job_config(j),
@@ -422,16 +435,16 @@ def _worker(fn: Callable, threads: int, *args) -> Any:
     return fn(*args)
 
 
-def _safe_train(job: TrainJob, data_dir, device, progress) -> tuple[str, dict | None, str | None]:
+def _safe_train(job: TrainJob, device, progress) -> tuple[str, dict | None, str | None]:
     try:
-        return job.key, train_backdoored(job, data_dir, device, progress), None
+        return job.key, train_backdoored(job, device, progress), None
     except Exception as exc:
         return job.key, None, _error(exc)
 
 
-def _safe_cell(cell: Cell, data_dir, device, preset, backdoor) -> dict:
+def _safe_cell(cell: Cell, device, preset, backdoor) -> dict:
     try:
-        return run_cell(cell, data_dir, device, preset, backdoor)
+        return run_cell(cell, device, preset, backdoor)
     except Exception as exc:
         rec = base_record(cell, preset)
         rec["error"] = _error(exc)
@@ -509,7 +522,6 @@ def run_grid(
     out: str | os.PathLike,
     *,
     preset: str,
-    data_dir: str | None = None,
     device: str = "cpu",
     jobs: int = 1,
     progress: bool = True,
@@ -519,6 +531,10 @@ def run_grid(
     """Run ``cells`` (and the detection cells ``detect``) into ``out``; return this grid's removal records."""
     rd = RunDir(out)
     with rd.lock():
+        # Load each dataset once up front (its digest keys the models): a missing one fails here,
+        # before any training, and the decoded-tensor cache is warm before workers start.
+        for ds, data_dir in {(c.job.dataset, c.job.data_dir) for c in [*cells, *detect]}:
+            ds.load(data_dir)
         order = [c.id for c in cells]
         finished = rd.finished()
         todo = [c for c in cells if not _is_done(finished.get(c.id), c)]
@@ -528,10 +544,6 @@ def run_grid(
         todo_det = [c for c in detect if not _is_done(finished_det.get(c.id), c)]
         if len(todo_det) < len(detect):
             log(f"resuming: {len(detect) - len(todo_det)} of {len(detect)} detection cells already finished")
-        # Load each dataset once up front: a missing one fails here, before any training, and the
-        # decoded-tensor cache is warm before workers start.
-        for ds in {c.job.dataset for c in [*todo, *todo_det]}:
-            ds.load(data_dir)
         jobs_by_key = {c.job.key: c.job for c in [*todo, *todo_det]}
         # Clean reference models first (the grid's own clean rows among them), so that attacks
         # that need one, run in parallel afterwards, all load it from the cache: trained once.
@@ -543,7 +555,7 @@ def run_grid(
 
         def train_stage(stage: list[TrainJob]) -> None:
             by_key = {j.key: j for j in stage}
-            for key, meta, err in _parallel(_safe_train, [(j, data_dir, device, progress and jobs == 1) for j in stage],
+            for key, meta, err in _parallel(_safe_train, [(j, device, progress and jobs == 1) for j in stage],
                                             jobs, threads):
                 j = by_key[key]
                 what = "clean reference" if key not in jobs_by_key else "backdoored" if j.attack.has_trigger else "clean"
@@ -575,7 +587,7 @@ def run_grid(
                 save_tensors(example, load_tensors(model_dir(job) / "example.safetensors"))
         ready = _without_failed(todo, failed_jobs, lambda c: base_record(c, preset), rd.write_cell)
         rd.write_records(order)
-        for rec in _parallel(_safe_cell, [(c, data_dir, device, preset, backdoors[c.job.key]) for c in ready], jobs, threads):
+        for rec in _parallel(_safe_cell, [(c, device, preset, backdoors[c.job.key]) for c in ready], jobs, threads):
             _save_tensors(rd, rec)
             rd.write_cell(rec)
             rd.write_records(order)
@@ -587,7 +599,7 @@ def run_grid(
                 log(f"{rec['cell']}: FAILED {rec['error']}")
         # Detection: after removal, on the same cached models.
         ready_det = _without_failed(todo_det, failed_jobs, lambda c: _detect_base(c, preset), rd.write_detection)
-        for rec in _parallel(safe_detect_cell, [(c, data_dir, device, preset) for c in ready_det], jobs, threads):
+        for rec in _parallel(safe_detect_cell, [(c, device, preset) for c in ready_det], jobs, threads):
             _save_tensors(rd, rec)
             rd.write_detection(rec)
             rd.write_records(order)

@@ -14,7 +14,7 @@ TINY = ["--set", "synthetic.n_train=300", "--set", "synthetic.n_test=100", "--se
 @pytest.mark.parametrize("args,message", [
     (["--attack", "badnet"], "unknown attack 'badnet' (did you mean badnets"),
     (["--defense", "rnpp"], "unknown defense 'rnpp' (did you mean rnp"),
-    (["--dataset", "cifar100"], "unknown dataset 'cifar100' (did you mean cifar10?)"),
+    (["--dataset", "cifar1000"], "unknown dataset 'cifar1000' (did you mean cifar100, cifar10?)"),
     (["--model", "vgg11"], "unknown model 'vgg11' (did you mean vgg?)"),
     (["--preset", "fast"], "unknown preset 'fast'; allowed: demo, quick, paper"),
     (["--seeds", "a,b"], "--seeds 'a,b' is not a list of integers"),

@@ -45,8 +45,9 @@ def test_badnets_implants_on_gtsrb_and_rnp_clearly_lowers_the_asr(data_dir, tmp_
     from bench.grid import GridSpec, run_grid
 
     overrides = {"run": {"sweep": "false"}}  # the oracle curve is for plots; skip its 19 evaluations
-    cells = GridSpec(attacks=["badnets"], defenses=["none", "rnp"], preset="quick", overrides=overrides).resolve()
-    recs = run_grid(cells, tmp_path / "run", preset="quick", data_dir=str(data_dir), progress=False, log=print)
+    cells = GridSpec(attacks=["badnets"], defenses=["none", "rnp"], preset="quick", overrides=overrides,
+                     data_dir=str(data_dir)).resolve()
+    recs = run_grid(cells, tmp_path / "run", preset="quick", progress=False, log=print)
     by = {r["defense"]: r for r in recs}
     assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
     before, after = by["none"]["metrics"], by["rnp"]["metrics"]
