@@ -123,8 +123,8 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
         raise BenchError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     jobs = _jobs(PRESETS[preset].jobs if jobs is None else jobs, dev)
     defs = _split(defense, DEFENSES, "defense")
-    if "none" in DEFENSES and "none" not in defs:
-        defs = ["none", *defs]
+    if "none" in DEFENSES:  # the baseline row, always, once and first
+        defs = ["none", *[d for d in defs if d != "none"]]
     spec = GridSpec(
         attacks=_split(attack_, ATTACKS, "attack"),
         defenses=defs,

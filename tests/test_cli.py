@@ -147,3 +147,12 @@ def test_failed_cell_gives_nonzero_exit(tmp_path, monkeypatch):
                                     "--out", str(tmp_path / "run"), *TINY])
     assert res.exit_code == 1
     assert "RuntimeError: injected failure" in (tmp_path / "run" / "records.jsonl").read_text()
+
+
+@pytest.mark.parametrize("defense", ["clp", "none,clp", "clp,none"])
+def test_defense_always_adds_the_none_row_once_and_first(tmp_path, defense):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--defense", defense, "--preset", "demo", "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["defense"] for r in recs] == ["none", "clp"]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import bench.data
+import defenses.rnp
 from bench.config import build
 from bench.data import DATASETS, ImageSet
 from bench.models import MODELS
@@ -62,7 +63,12 @@ def test_contract(name, model, sets, monkeypatch):
     monkeypatch.setattr(bench.data, "defense_subset", forbidden)
     rng = torch.get_rng_state()
     defense = DEFENSES.get(name)()
-    results = [defense(copy.deepcopy(model), clean, ctx(seed=3)) for _ in range(2)]
+
+    def independent_run() -> DefenseResult:  # RNP's stage-1 memo emptied: two runs, not a run and its memo
+        monkeypatch.setattr(defenses.rnp, "_UNLEARNED", {})
+        return defense(copy.deepcopy(model), clean, ctx(seed=3))
+
+    results = [independent_run() for _ in range(2)]
     assert torch.equal(torch.get_rng_state(), rng), "a defense must not draw from the global RNG"
     assert torch.equal(clean.x, clean_copy.x) and torch.equal(clean.y, clean_copy.y)
 
@@ -357,3 +363,47 @@ def test_every_defense_handles_a_model_without_batchnorm_or_says_why_on_one_line
     x = sets[1].x[:4].float() / 255
     assert res.model(x).shape == (4, 10)
     json.dumps(res.info)
+
+
+@pytest.mark.parametrize("name", ["rnp", "anp"])
+def test_select_auto_holds_its_share_out_of_every_stage_that_learns(name, model, sets, monkeypatch):
+    """Spies on the images each stage sees: unlearning and recovering (RNP) or the mask optimisation (ANP)
+    see the same 80 % of the defense data; the threshold is chosen on the other 20 %, which no stage saw."""
+    import defenses.anp as anp_mod
+    import defenses.rnp as rnp_mod
+
+    rows = lambda s: {bytes(r.numpy().tobytes()) for r in s.x.cpu().flatten(1)}  # noqa: E731
+    seen: dict[str, set] = {}
+
+    def spy(cls, method, stage):
+        real = getattr(cls, method)
+
+        def wrapper(self, m, data, *a, **k):
+            seen[stage] = rows(data)
+            return real(self, m, data, *a, **k)
+
+        monkeypatch.setattr(cls, method, wrapper)
+
+    module = rnp_mod if name == "rnp" else anp_mod
+    real_choose = module.choose_threshold
+
+    def choose(candidates, m, pruned_at, held, *a, **k):
+        seen["held out"] = rows(held)
+        return real_choose(candidates, m, pruned_at, held, *a, **k)
+
+    monkeypatch.setattr(module, "choose_threshold", choose)
+    monkeypatch.setattr(rnp_mod, "_UNLEARNED", {})
+    if name == "rnp":
+        spy(RNP, "unlearn", "unlearning")
+        spy(RNP, "recover", "recovering")
+        defense = RNP(select="auto", **FAST_RNP)
+    else:
+        spy(anp_mod.ANP, "optimize", "masks")
+        defense = anp_mod.ANP(select="auto", max_epochs=2)
+    defense(copy.deepcopy(model), sets[1], ctx())
+    everything = rows(sets[1])
+    held = seen.pop("held out")
+    assert len(held) == round(0.2 * len(everything)) and held <= everything
+    for stage, images in seen.items():
+        assert images == everything - held, f"{stage} saw held-out images, or not all of the rest"
+    assert set(seen) == ({"unlearning", "recovering"} if name == "rnp" else {"masks"})
