@@ -51,7 +51,7 @@ from bench.metrics import TriggeredSet, evaluate
 from bench.models import MODELS, ModelSpec
 from bench.presets import PRESETS, Preset
 from bench.registry import BenchError
-from bench.store import content_hash, load_tensors, read_json, save_tensors, write_json, atomic_write_text
+from bench.store import atomic_write_text, content_hash, fault_point, load_tensors, read_json, save_tensors, write_json
 from bench.train import TrainConfig, train
 from defenses.base import DEFENSES, Defense, DefenseContext
 from detectors.base import DETECTORS
@@ -250,6 +250,7 @@ def train_backdoored(job: TrainJob, device: str, progress: bool = False) -> dict
         except OSError:  # another worker finished the same job first
             shutil.rmtree(tmp, ignore_errors=True)
             return read_json(out / "meta.json")
+        fault_point("model_cached")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -489,9 +490,11 @@ class RunDir:
 
     def write_cell(self, rec: dict) -> None:
         write_json(self.cells / f"{rec['cell']}.json", rec)
+        fault_point("cell_written")
 
     def write_detection(self, rec: dict) -> None:
         write_json(self.detect / f"{rec['cell']}.json", rec)
+        fault_point("cell_written")
 
     def write_records(self, order: Iterable[str] = ()) -> list[dict]:
         """Regenerate records.jsonl from the cell files: this grid's cells first, in grid order.
@@ -512,6 +515,7 @@ class RunDir:
         rank = {c: i for i, c in enumerate(order)}
         recs = sorted(done.values(), key=lambda r: (rank.get(r["cell"], len(rank)), r["cell"]))
         atomic_write_text(self.path / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+        fault_point("records_written")
         if dets or (self.path / "detections.jsonl").exists():
             atomic_write_text(self.path / "detections.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in dets))
         return recs
@@ -639,6 +643,7 @@ def _save_tensors(rd: RunDir, rec: dict) -> None:
     tensors = rec.pop("_tensors", None)
     if tensors:
         save_tensors(rd.tensors / f"{rec['cell']}.safetensors", tensors)
+        fault_point("tensors_written")
         rec["info"]["tensors_file"] = f"tensors/{rec['cell']}.safetensors"
 
 

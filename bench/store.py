@@ -79,6 +79,25 @@ def load_tensors_and_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+FAULT_EXIT = 86  # the exit status of a process stopped by fault_point
+_FAULTS: dict[str, int] = {}
+
+
+def fault_point(event: str) -> None:
+    """A named point where a test may kill the process: with ``BENCH_FAULT=after:<event>`` (or
+    ``after:<event>:<n>``, the n-th time) the process ends at once, ``os._exit(FAULT_EXIT)``, as a
+    SIGKILL would end it, right after ``event`` (``model_cached``, ``cell_written``,
+    ``records_written``, ``tensors_written``). Without the variable it does nothing."""
+    want = os.environ.get("BENCH_FAULT")
+    if not want:
+        return
+    _FAULTS[event] = _FAULTS.get(event, 0) + 1
+    kind, _, rest = want.partition(":")
+    name, _, nth = rest.partition(":")
+    if kind == "after" and name == event and _FAULTS[event] == int(nth or 1):
+        os._exit(FAULT_EXIT)
+
+
 def content_hash(obj: Any, length: int = 16) -> str:
     """A stable hash of a JSON-able object (keys sorted)."""
     blob = json.dumps(obj, sort_keys=True, default=_default).encode()

@@ -143,37 +143,69 @@ def test_concurrent_run_on_the_same_folder_is_refused(tmp_path):
             RunDir(tmp_path / "run").lock()
 
 
+FAULT_GRID = ["--attack", "badnets,blend", "--defense", "none,nc", "--preset", "demo", "--seeds", "0", "--jobs", "1", "--quiet",
+              *[f"--set={c}.{k}={v}" for c, kv in TINY.items() for k, v in kv.items()],
+              "--set=nc.epochs=2", "--set=nc.batches_per_epoch=1", "--set=nc.unlearn_epochs=1"]
+
+
+def _snapshot(out: Path, cache: Path) -> dict[str, dict[str, int]]:
+    """mtime (ns) of every model entry and every file of the run folder: what a rerun rewrites shows."""
+    models = {p.name: (p / "meta.json").stat().st_mtime_ns for p in (cache / "models").iterdir()} if (cache / "models").exists() else {}
+    files = {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} if out.exists() else {}
+    return {"models": models, "files": files}
+
+
 @pytest.mark.slow
-def test_sigkill_at_any_moment_completes_on_rerun(tmp_path):
-    """Kill a real `bench run` at several moments; the rerun finishes, and records are whole and unique."""
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sets = [f"--set={c}.{k}={v}" for c, kv in TINY.items() for k, v in kv.items()]
-    cmd = [sys.executable, "-m", "bench.cli", "run", "--attack", "badnets,blend", "--defense", "none", "--preset", "demo",
-           "--seeds", "0,1", "--out", str(out), "--quiet", *sets]
-    for delay in (2.5, 4.0, 5.5, 7.0):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        records = out / "records.jsonl"
-        if records.exists():  # whatever moment it died at, the file parses
-            [json.loads(line) for line in records.read_text().splitlines()]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("fault", ["after:model_cached:1", "after:cell_written:2", "after:records_written:2",
+                                   "after:tensors_written:1"])
+def test_a_run_killed_at_a_named_point_completes_on_rerun_and_reuses_what_was_finished(tmp_path, fault):
+    """``BENCH_FAULT=after:<event>[:n]`` ends the run there as SIGKILL would; the rerun completes, retrains no
+    cached model, recomputes no finished cell, and leaves every cell once, whole, with its tensors."""
+    from bench.store import FAULT_EXIT
+
+    out, cache = tmp_path / "run", Path(os.environ["BENCH_CACHE_DIR"])
+    cmd = [sys.executable, "-m", "bench.cli", "run", *FAULT_GRID, "--out", str(out)]
+    killed = subprocess.run(cmd, env={**os.environ, "BENCH_FAULT": fault}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == FAULT_EXIT, killed.stderr[-2000:]
+    before = _snapshot(out, cache)
+    finished_cells = {k for k in before["files"] if k.startswith("cells/")}
+    done = subprocess.run(cmd, env=os.environ, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    after = _snapshot(out, cache)
+    assert len(after["models"]) == 2 and all(after["models"][m] == t for m, t in before["models"].items()), "no model retrained"
+    assert all(after["files"][c] == before["files"][c] for c in finished_cells), "no finished cell recomputed"
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted(r["cell"] for r in recs) == sorted({r["cell"] for r in recs}) and len(recs) == 4
     assert all(r["status"] == "ok" for r in recs)
+    for r in recs:  # every cell file is whole JSON and equals its line; NC's tensors are there
+        assert json.loads((out / "cells" / f"{r['cell']}.json").read_text()) == r
+        if r["defense"] == "nc":
+            assert (out / r["info"]["tensors_file"]).exists()
+    leftovers = [p for p in [*out.rglob(".*"), *(cache / "models").glob(".*")] if p.name != ".lock"]
+    assert not leftovers, leftovers  # no temporary file or folder left behind
 
 
-def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path):
-    cells = GridSpec(attacks=["badnets", "blend"], defenses=["none"], preset="demo", overrides=TINY).resolve()
-    serial = run_grid(cells, tmp_path / "one", preset="demo", progress=False, log=lambda m: None)
+def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path, monkeypatch):
+    """The same grid in-process and with --jobs 2, at the same thread count per model: the same
+    metrics and defense facts to the last digit (RNP's masks, thresholds and curves included)."""
+    import defenses.rnp
+    from bench.grid import cpu_cores
+
+    cells = GridSpec(attacks=["badnets", "blend"], defenses=["none", "rnp"], preset="demo", overrides=TINY).resolve()
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, cpu_cores() // 2))  # what each of the two workers gets
+    try:
+        serial = run_grid(cells, tmp_path / "one", preset="demo", progress=False, log=lambda m: None)
+    finally:
+        torch.set_num_threads(before)
     shutil.rmtree(cache_dir() / "models")  # retrain in the workers
+    monkeypatch.setattr(defenses.rnp, "_UNLEARNED", {})  # nothing carried over in this process either
     parallel = run_grid(cells, tmp_path / "two", preset="demo", jobs=2, progress=False, log=lambda m: None)
     assert [r["cell"] for r in parallel] == [r["cell"] for r in serial]  # records in grid order
     for a, b in zip(serial, parallel):
-        assert b["status"] == "ok" and a["metrics"] == b["metrics"]  # same seed, same result, whatever the process
+        assert b["status"] == "ok" and a["train_threads"] == b["train_threads"]
+        assert a["metrics"] == b["metrics"] and a["backdoor"] == b["backdoor"]  # exact, not a tolerance
+        assert json.dumps(a["info"], sort_keys=True) == json.dumps(b["info"], sort_keys=True)
 
 
 def test_a_lone_job_of_a_parallel_grid_trains_with_the_workers_thread_count(tmp_path):
@@ -284,3 +316,92 @@ def test_a_record_made_with_the_old_defense_pool_is_redone_for_clean_label_attac
         assert _is_done(rec, cell), "a record of the current code is finished"
         del rec["config"]["defense_pool"]
         assert _is_done(rec, cell) == (cell.job.attack.name == "badnets")
+
+
+class _Constant(torch.nn.Module):
+    """Predicts ``label`` for every input: a model no sweep would prefer to the backdoored one's accuracy."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 10)
+        out[:, self.label] = 1.0
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweeper(Defense):
+    name = "sweeper"
+    description = "test-only: returns a useless model, with a sweep whose other point is the accurate original"
+    paper = "-"
+
+    def __call__(self, model, clean, ctx):
+        chosen = _Constant(5)
+        return DefenseResult(chosen, {"threshold": 0.0}, sweep=lambda: iter([(0.0, chosen), (0.5, model)]))
+
+
+def test_the_oracle_sweep_never_feeds_back_into_the_record(tmp_path):
+    """The record is the evaluation of the model the defense returned, whatever its oracle curve prefers."""
+    from bench.metrics import evaluate
+
+    trained = {**TINY, "synthetic": {"n_train": "600", "n_test": "100"}, "train": {"epochs": "6", "batch_size": "64"}}
+    (none,) = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=trained).resolve()
+    cell = dataclasses.replace(none, defense=Sweeper())
+    (rec,) = run_grid([cell], tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
+    curve = rec["info"]["oracle_curve"]
+    assert [p["threshold"] for p in curve] == [0.0, 0.5] and curve[1]["ca"] > curve[0]["ca"] + 0.3
+    _, test_set = cell.job.dataset.load()
+    from bench.grid import load_backdoored
+
+    triggered = load_backdoored(cell.job, "cpu")[3]
+    assert rec["metrics"] == evaluate(_Constant(5), test_set, triggered, bf16=cell.job.train.bf16)
+    assert rec["metrics"]["ca"] < 0.2 and rec["info"]["threshold"] == 0.0
+
+
+@pytest.mark.parametrize("change, retrained, recomputed", [
+    ({"smallcnn": {"width": "6"}}, {"badnets", "blend"}, {"badnets-none", "badnets-counting", "blend-none", "blend-counting"}),
+    ({"train": {"lr": "0.05"}}, {"badnets", "blend"}, {"badnets-none", "badnets-counting", "blend-none", "blend-counting"}),
+    ({"badnets": {"poison_rate": "0.05"}}, {"badnets"}, {"badnets-none", "badnets-counting"}),
+    ({"run": {"defense_data": "30"}}, set(), {"badnets-none", "badnets-counting", "blend-none", "blend-counting"}),
+    ({"counting": {"extra": "2"}}, set(), {"badnets-counting", "blend-counting"}),
+    ("pool", set(), {"badnets-none", "badnets-counting"}),
+], ids=["model-field", "training-field", "attack-field", "run-field", "defense-field", "defense-data-pool"])
+def test_a_changed_setting_recomputes_exactly_what_it_touches(tmp_path, monkeypatch, change, retrained, recomputed):
+    """Rerun a finished grid with one setting changed: the models and cells it determines are redone, nothing else.
+    ("pool": the badnets cells' records say they were made with another defense-data pool.)"""
+    import bench.grid as grid
+
+    trained: list[str] = []
+    real_train = grid.train
+    monkeypatch.setattr(grid, "train", lambda model, data, *a, desc="", **k: trained.append(desc.split("/")[2])
+                        or real_train(model, data, *a, desc=desc, **k))
+
+    def cells(overrides):
+        base = GridSpec(attacks=["badnets", "blend"], defenses=["none"], preset="demo",
+                        overrides={k: v for k, v in overrides.items() if k != "counting"}).resolve()
+        extra = overrides.get("counting", {}).get("extra")
+        counting = Counting2(extra=int(extra)) if extra else Counting2()
+        return [dataclasses.replace(c, defense=d) for c in base for d in (c.defense, counting)]
+
+    out = tmp_path / "run"
+    run_grid(cells(TINY), out, preset="demo", progress=False, log=lambda m: None)
+    assert sorted(trained) == ["badnets", "blend"]
+    stamp = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    trained.clear()
+    if change == "pool":
+        for p in (out / "cells").glob("*badnets*"):
+            rec = json.loads(p.read_text())
+            rec["config"]["defense_pool"] = "all"
+            store.write_json(p, rec)
+        stamp = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+        overrides = TINY
+    else:
+        overrides = {k: {**TINY.get(k, {}), **change.get(k, {})} for k in {*TINY, *change}}
+    recs = run_grid(cells(overrides), out, preset="demo", progress=False, log=lambda m: None)
+    assert set(trained) == retrained and len(trained) == len(retrained)
+    redone = {p.name for p in (out / "cells").iterdir() if p.stat().st_mtime_ns != stamp[p.name]}
+    assert redone == {f"synthetic-smallcnn-{c.split('-')[0]}-{c.split('-')[1]}-s0.json" for c in recomputed}
+    assert len(recs) == 4 and all(r["status"] == "ok" for r in recs)
+    assert len((out / "records.jsonl").read_text().splitlines()) == 4
