@@ -1,4 +1,6 @@
-"""Atomic file writes, safetensors I/O and content hashes. Nothing is ever unpickled.
+"""Atomic file writes, safetensors I/O, content hashes and the fault points tests kill runs at.
+
+Nothing here unpickles: tensors are read from safetensors files only.
 
 Every write goes to a temporary file in the same folder and is renamed into place,
 so a reader (or a rerun after SIGKILL) sees either the old file or the new one.
@@ -16,6 +18,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from bench.registry import BenchError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -70,7 +74,13 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors of a safetensors file; a file that is not one fails naming it (nothing in it is run)."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # SafetensorError and friends: a torn or foreign file
+        raise BenchError(f"{path} is not a readable safetensors file ({exc}); delete it to have it rebuilt") from None
 
 
 def load_tensors_and_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

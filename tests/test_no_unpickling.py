@@ -1,0 +1,100 @@
+"""Nothing is unpickled: a grid, its resume and its report run with every unpickling entry point
+made to fail, and a pickle planted in the cache never runs.
+
+The only pickles the project reads are CIFAR's batch files, through ``bench.data.ArraysOnly``
+(numpy arrays only; ``tests/test_data_sources.py``); it subclasses the unpickler and is not patched here.
+"""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench.cli import main
+from bench.grid import GridSpec, model_dir, run_grid
+
+TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
+        "run": {"defense_data": "40"}}
+
+
+class Payload:
+    """Unpickling this creates ``marker``: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def unpickling_forbidden(monkeypatch):
+    """Every way to unpickle fails and is recorded: pickle.load(s), any pickle.Unpickler (what torch.load
+    and numpy use), and torch.load without weights_only=True."""
+    calls: list[str] = []
+
+    def refuse(what):
+        def f(*a, **k):
+            calls.append(what)
+            raise AssertionError(f"{what} was called")
+        return f
+
+    class RefusingUnpickler(pickle._Unpickler):
+        def find_class(self, module, name):
+            calls.append(f"Unpickler.find_class({module}.{name})")
+            raise AssertionError("find_class was called")
+
+    real_torch_load = torch.load
+
+    def torch_load(*a, weights_only=None, **k):
+        if weights_only is not True:
+            calls.append("torch.load without weights_only=True")
+            raise AssertionError("torch.load without weights_only=True")
+        return real_torch_load(*a, weights_only=True, **k)
+
+    monkeypatch.setattr(pickle, "load", refuse("pickle.load"))
+    monkeypatch.setattr(pickle, "loads", refuse("pickle.loads"))
+    monkeypatch.setattr(pickle, "Unpickler", RefusingUnpickler)
+    monkeypatch.setattr(pickle._Unpickler, "find_class", RefusingUnpickler.find_class)
+    monkeypatch.setattr(torch, "load", torch_load)
+    return calls
+
+
+def test_the_guard_catches_an_unpickling(unpickling_forbidden, tmp_path):
+    """The fixture would notice: a plain pickle.loads and torch.load of a pickle are refused and recorded."""
+    blob = pickle.dumps(Payload(tmp_path / "ran"))
+    with pytest.raises(AssertionError):
+        pickle.loads(blob)
+    (tmp_path / "x.pt").write_bytes(blob)
+    with pytest.raises(AssertionError):
+        torch.load(tmp_path / "x.pt")
+    assert unpickling_forbidden == ["pickle.loads", "torch.load without weights_only=True"]
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_grid_its_resume_and_its_report_never_unpickle(unpickling_forbidden, tmp_path):
+    cells = GridSpec(attacks=["badnets", "blend"], defenses=["none", "nc"], preset="demo", detectors=["strip"],
+                     overrides={**TINY, "nc": {"epochs": "2", "batches_per_epoch": "1", "unlearn_epochs": "1"},
+                                "strip": {"n_overlays": "2"}}).resolve_all()
+    out = tmp_path / "run"
+    recs = run_grid(cells[0], out, preset="demo", progress=False, log=lambda m: None, detect=cells[1])
+    assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]
+    assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
+    # A pickle planted in the cache, in place of a cached model's weights and beside them as a .pt file:
+    # the resumed grid reads safetensors only, so the cell fails with a clear error and nothing runs.
+    entry = model_dir(cells[0][0].job)
+    marker = tmp_path / "payload-ran"
+    blob = pickle.dumps(Payload(marker))
+    (entry / "model.safetensors").write_bytes(blob)
+    (entry / "model.pt").write_bytes(blob)
+    for p in out.glob("cells/*badnets*"):
+        p.unlink()  # the badnets cells run again, from the cache
+    recs = run_grid(cells[0], out, preset="demo", progress=False, log=lambda m: None, detect=cells[1])
+    failed = [r for r in recs if r["status"] != "ok"]
+    assert failed and all(r["attack"] == "badnets" for r in failed)
+    assert all("model.safetensors is not a readable safetensors file" in r["error"] for r in failed), [r["error"] for r in failed]
+    assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
+    assert not marker.exists(), "the planted pickle ran"
+    assert unpickling_forbidden == [], unpickling_forbidden
