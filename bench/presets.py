@@ -209,6 +209,8 @@ PRESETS: dict[str, Preset] = {
         #   N=25: 0.92, 0.73, 0.72, 0.68, 0.58, others 0.26-0.51;                                      84 s*
         #   N=10 (this preset): 0.87, 0.71, 0.71, 0.70, 0.59, others 0.30-0.50;                        35 s*
         #   (* all twelve cells, beside other jobs.) `--set strip.n_overlays=100` restores the default.
+        #   Scored on the test-time mix as it was before 2026-12-05 (clean half first, without the target
+        #   class); the fixed mix moved STRIP's AUROC by at most 0.05 on the width-8 models (README, Detection).
         #   At 25 the demo's `--detect all` took 7 min 4 s from an empty cache (idle), over issue 8's 6 minutes;
         #   10 was one of the cuts that brought it under (README, *Measured*).
         # Neural Cleanse's label detector searches 3 epochs per label here instead of 10: it was the largest
