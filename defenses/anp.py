@@ -163,33 +163,44 @@ class ANP(Defense):
             if self.project_noise:
                 masks.clamp_noise_(self.eps)
 
-    def optimize(self, model: nn.Module, data: ImageSet, ctx: DefenseContext,
-                 gen: torch.Generator) -> tuple[MaskSet, dict]:
-        """Attach masks and perturbations to ``model`` (in place, weights frozen) and optimise the masks."""
+    def start(self, model: nn.Module) -> tuple[MaskSet, torch.optim.Optimizer]:
+        """Freeze ``model``, attach masks and perturbations to it (in place); the masks' optimiser."""
         model.requires_grad_(False)
         masks = attach_masks(model, perturb=True)
         for p in masks.noise_parameters():  # only moved by signed steps on their own gradient
             p.requires_grad_(False)
-        opt = torch.optim.SGD(masks.parameters(), lr=self.lr, momentum=self.momentum)
-        n_iter = self.n_iterations(len(data))
+        return masks, torch.optim.SGD(masks.parameters(), lr=self.lr, momentum=self.momentum)
+
+    def step(self, model: nn.Module, masks: MaskSet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             ctx: DefenseContext, gen: torch.Generator) -> torch.Tensor:
+        """One iteration on the batch ``(x, y)``: perturb, one mask step, clip; returns the clean logits. The model
+        runs in train mode, so BatchNorm normalises with the batch's statistics (official ``mask_train``)."""
         model.train()
+        loss = 0.0
+        if self.eps > 0:
+            self.perturb(model, masks, x, y, ctx, gen)
+            with masks.perturbed(), autocast(ctx.device, ctx.bf16):
+                out_rob = model(x)
+            loss = (1 - self.alpha) * F.cross_entropy(out_rob.float(), y)
+        with autocast(ctx.device, ctx.bf16):
+            out = model(x)
+        loss = loss + self.alpha * F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        masks.clamp_()
+        return out.detach()
+
+    def optimize(self, model: nn.Module, data: ImageSet, ctx: DefenseContext,
+                 gen: torch.Generator) -> tuple[MaskSet, dict]:
+        """Attach masks and perturbations to ``model`` (in place, weights frozen) and optimise the masks."""
+        masks, opt = self.start(model)
+        n_iter = self.n_iterations(len(data))
         correct = seen = 0
         for it in range(n_iter):
             idx = torch.randint(len(data), (self.batch_size,), generator=gen).to(data.x.device)
             x, y = to_input(augment(data.x[idx], ctx.augmentation, gen)), data.y[idx]
-            loss = 0.0
-            if self.eps > 0:
-                self.perturb(model, masks, x, y, ctx, gen)
-                with masks.perturbed(), autocast(ctx.device, ctx.bf16):
-                    out_rob = model(x)
-                loss = (1 - self.alpha) * F.cross_entropy(out_rob.float(), y)
-            with autocast(ctx.device, ctx.bf16):
-                out = model(x)
-            loss = loss + self.alpha * F.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            masks.clamp_()
+            out = self.step(model, masks, opt, x, y, ctx, gen)
             if it >= n_iter - PRINT_EVERY:
                 correct += int((out.argmax(1) == y).sum())
                 seen += len(y)

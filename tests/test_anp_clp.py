@@ -25,6 +25,7 @@ from defenses.masks import MaskSet
 from defenses.rnp import RNP, SWEEP
 
 from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, sets, state  # noqa: F401  (fixtures)
+from reference_math import anp_official_iteration
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
@@ -79,6 +80,61 @@ def test_anp_official_step_is_signed_of_size_eps_over_steps(model, sets, monkeyp
     assert torch.all((moved < 1e-6) | ((moved - eps / steps).abs() < 1e-6))
     if steps == 1:
         assert stepped.abs().max() > eps, "unprojected, the official step leaves the eps ball"
+
+
+class TinyBN(nn.Module):
+    """conv-BN-ReLU twice, mean pool, linear: the net ``reference_math.tiny_bn_net`` writes out."""
+
+    def __init__(self, gen: torch.Generator) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.linear = nn.Linear(6, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            for bn in (self.bn1, self.bn2):  # BN biases away from 0, so their perturbation matters
+                bn.weight.add_(1.0)
+                bn.bias.add_(torch.sign(bn.bias) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.linear(h.mean(dim=(2, 3)))
+
+
+def test_anp_iterations_follow_the_official_algorithm(monkeypatch):
+    """project_noise=False, two iterations on fixed batches against ``reference_math.anp_official_iteration``
+    (the official ``mask_train`` restated): the noise after the signed ascent step and the masks after
+    the momentum-SGD step and the clip agree to float32 rounding. The lr is raised from 0.2 so that
+    masks leave [0, 1] on both sides and the clip matters."""
+    seen = _record_perturbed(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    net = TinyBN(gen)
+    w = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    batches = [(torch.rand(24, 3, 8, 8, generator=gen), torch.randint(3, (24,), generator=gen)) for _ in range(2)]
+    anp = ANP(eps=0.4, steps=1, alpha=0.2, lr=25.0, momentum=0.9, project_noise=False)
+    c = DefenseContext(num_classes=3, augmentation=SYN.augmentation, bf16=False)
+
+    masks, opt = anp.start(net.eval())  # step() itself puts the model in train mode (BN batch statistics)
+    ref_masks, buf = {k: torch.ones_like(m) for k, m in masks.masks.items()}, None
+    clipped = set()
+    for i, (x, y) in enumerate(batches):
+        anp.step(net, masks, opt, x, y, c, gen)
+        start, stepped = seen[2 * i][0], seen[2 * i + 1][0]  # the ascent pass, then the mask pass
+        assert all(t.abs().max() <= anp.eps for t in start) and all(t.std() > 0.1 for t in start)
+        noise0 = {k: start[2 * j: 2 * j + 2] for j, k in enumerate(masks.noise)}  # per BN: (weight, bias)
+        noise, ref_masks, buf = anp_official_iteration(w, x, y, ref_masks, noise0, buf, eps=anp.eps, steps=anp.steps,
+                                                       alpha=anp.alpha, lr=anp.lr, momentum=anp.momentum)
+        for j, k in enumerate(masks.noise):
+            torch.testing.assert_close(stepped[2 * j], noise[k][0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(stepped[2 * j + 1], noise[k][1], rtol=0, atol=1e-6)
+            torch.testing.assert_close(masks.masks[k].detach(), ref_masks[k], rtol=0, atol=1e-5)
+        clipped |= {float(v) for m in ref_masks.values() for v in m if v in (0.0, 1.0)}
+    assert clipped == {0.0, 1.0}, "some masks were clipped at each end"
+    assert any(((m > 0) & (m < 1)).any() for m in ref_masks.values())
+    assert max(float(t.abs().max()) for t in stepped) > anp.eps, "the official step is not projected"
 
 
 def test_anp_eps_zero_never_perturbs(model, sets, monkeypatch):
