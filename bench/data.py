@@ -362,6 +362,7 @@ class _CIFAR(Dataset):
     channels: ClassVar[int] = 3
     size: ClassVar[int] = 32
     augmentation: ClassVar[Augmentation] = Augmentation(pad=4, flip=True)
+    paper: ClassVar[str] = "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009"
     label_key: ClassVar[bytes]
 
     @classmethod
@@ -404,7 +405,6 @@ class CIFAR10(_CIFAR):
     mean: ClassVar[tuple[float, ...]] = (0.4914, 0.4822, 0.4465)
     std: ClassVar[tuple[float, ...]] = (0.2470, 0.2435, 0.2616)
     description: ClassVar[str] = "CIFAR-10, 50k/10k 32x32 RGB, 10 classes (cifar-10-batches-py, md5-checked)"
-    paper: ClassVar[str] = "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009"
     label_key: ClassVar[bytes] = b"labels"
 
 
@@ -417,7 +417,6 @@ class CIFAR100(_CIFAR):
     mean: ClassVar[tuple[float, ...]] = (0.5071, 0.4865, 0.4409)
     std: ClassVar[tuple[float, ...]] = (0.2673, 0.2564, 0.2762)
     description: ClassVar[str] = "CIFAR-100, 50k/10k 32x32 RGB, 100 fine classes (cifar-100-python, md5-checked)"
-    paper: ClassVar[str] = "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009"
     label_key: ClassVar[bytes] = b"fine_labels"
 
 
