@@ -31,8 +31,8 @@ class Payload:
 
 @pytest.fixture
 def unpickling_forbidden(monkeypatch):
-    """Every way to unpickle fails and is recorded: pickle.load(s), any pickle.Unpickler (what torch.load
-    and numpy use), and torch.load without weights_only=True."""
+    """Every way to unpickle fails and is recorded: pickle's load and loads, any pickle.Unpickler (what
+    torch's loader and numpy use), and torch's loader unless weights_only=True."""
     calls: list[str] = []
 
     def refuse(what):
@@ -69,7 +69,7 @@ def test_the_guard_catches_an_unpickling(unpickling_forbidden, tmp_path):
         pickle.loads(blob)
     (tmp_path / "x.pt").write_bytes(blob)
     with pytest.raises(AssertionError):
-        torch.load(tmp_path / "x.pt")
+        torch.load(tmp_path / "x.pt", weights_only=False)  # refused: only weights_only=True may load
     assert unpickling_forbidden == ["pickle.loads", "torch.load without weights_only=True"]
     assert not (tmp_path / "ran").exists()
 
