@@ -73,6 +73,15 @@ model's training time) pruned to CA 96.8, ASR 87.1. So the surviving backdoor is
 the fixed threshold with 500 clean images, not our code or the iteration cap. BackdoorBench's
 leaderboard removes it because it picks the threshold by test-set ASR, which a defense here may
 not do.
+
+Checked again (2026-12-05): one iteration with ``project_noise=false`` equals an independent
+restatement of the official ``mask_train`` (``tests/reference_math.anp_official_iteration``: the
+signed noise step, the loss, momentum SGD, the clip; ``tests/test_anp_clp.py``). On the quick preset's
+BadNets seed-0 model trained in fp32 (AVX2-only EPYC; CA 97.0, ASR 99.9), the same 500 images,
+2000 iterations, threshold 0.2, one seed each: ours (``max_epochs=0``, ``project_noise=false``)
+pruned 91 of 1,200 channels, CA 95.7 / ASR 36.9; a re-implementation of the official loop with its
+own RNG use (global RNG, a DataLoader sampling with replacement, per-image crop, no flip) pruned 93,
+CA 96.6 / ASR 48.5. The spread over seeds is not measured yet (65-80 min a run on that CPU).
 """
 
 from __future__ import annotations
