@@ -431,7 +431,17 @@ def auto_jobs(device: str) -> int:
     return 1 if device == "cuda" else cpu_cores()
 
 
-def _worker(fn: Callable, threads: int, *args) -> Any:
+WORKER_ENV = ("BENCH_CACHE_DIR", "BENCH_DATA_DIR")  # the driver's folders, which its workers must use
+
+
+def _worker(fn: Callable, threads: int, env: dict[str, str | None], *args) -> Any:
+    # loky reuses worker processes across grids: set the driver's folders each time, not those of
+    # whichever grid started the worker (a test changes BENCH_CACHE_DIR between grids).
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     torch.set_num_threads(threads)
     return fn(*args)
 
@@ -688,4 +698,5 @@ def _parallel(fn: Callable, arglist: list[tuple], jobs: int, threads: int):
     from joblib import Parallel, delayed
 
     par = Parallel(n_jobs=min(jobs, len(arglist)), backend="loky", return_as="generator_unordered")
-    yield from par(delayed(_worker)(fn, threads, *args) for args in arglist)
+    env = {k: os.environ.get(k) for k in WORKER_ENV}
+    yield from par(delayed(_worker)(fn, threads, env, *args) for args in arglist)
