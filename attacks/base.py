@@ -31,7 +31,7 @@ A clean reference model (``needs_clean_model = True``): attacks whose trigger is
 from a clean model (LF's universal perturbation; TrojanNN and label-consistent later) declare
 it, and ``prepare`` then takes one more keyword, ``reference``: the clean model of the same
 dataset, model, training recipe and seed, in eval mode on the run's device. The grid makes it
-by training the ``clean`` attack's job through its model cache (``bench.grid.reference_job``),
+by training the ``clean`` attack's job through its model cache (``bench.run.plan.reference_job``),
 so it is trained once per (dataset, model, recipe, seed), by the same trainer, and shared by
 every attack that asks; nothing is downloaded. ``prepare`` may run the model forward and
 backward but must leave its weights alone. Attacks without the flag keep the five-argument
@@ -111,7 +111,7 @@ class Attack(Config):
             raise BenchError(f"{self.name}.target={self.target} is out of range; allowed: [0, {num_classes - 1}]")
         if self.needs_clean_model and reference is None:
             raise BenchError(f"{self.name} needs a clean reference model; the grid passes it as prepare(..., reference=model) "
-                             "(bench.grid.reference_job), outside the grid pass one yourself")
+                             "(bench.run.plan.reference_job), outside the grid pass one yourself")
         if self.clean_label:
             self._check_target_present(train)
         self.state["num_classes"] = torch.tensor(num_classes)

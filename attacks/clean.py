@@ -8,7 +8,7 @@ Backdoor Learning", NeurIPS 2022 Datasets and Benchmarks, arXiv:2206.12654):
   what a defense flags on it;
 - detection needs it as the negative case;
 - attacks that compute their trigger from a clean model (``needs_clean_model``: LF's universal
-  perturbation) get this model, trained through the same grid cache (``bench.grid.reference_job``).
+  perturbation) get this model, trained through the same grid cache (``bench.run.plan.reference_job``).
 
 ``trigger`` returns the images unchanged, ``poison`` changes nothing and the triggered test set
 is empty: ASR and RA are not defined for it, the records store ``null`` and the tables show "-".

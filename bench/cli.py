@@ -47,8 +47,8 @@ def _default_preset(device: str) -> str:
 
 
 def _jobs(value: int | str, device: str) -> int:
-    """``--jobs``: a whole number >= 1, or ``auto`` (``bench.grid.auto_jobs``)."""
-    from bench.grid import auto_jobs
+    """``--jobs``: a whole number >= 1, or ``auto`` (``bench.run.execute.auto_jobs``)."""
+    from bench.run.execute import auto_jobs
 
     if str(value).strip().lower() == "auto":
         return auto_jobs(device)
@@ -94,34 +94,47 @@ def main() -> None:
 @click.option("--model", default=None, help="comma list of models (default: the preset's)")
 @click.option("--preset", default=None, help="demo | quick | paper (default: paper on a CUDA machine, else quick)")
 @click.option("--seeds", default="0", show_default=True, help="comma list or range of seeds, e.g. 0,1,2 or 0-2")
-@click.option("--jobs", default=None, help="cells run in parallel (local processes): a count, or auto (one per CPU core, "
-              "one thread each; 1 on CUDA); default: the preset's (demo auto, others 1)")
+@click.option("--jobs", default=None, help="tasks run in parallel (local processes): a count, or auto (one per CPU core, "
+              "one thread each; on CUDA one per visible GPU); default: the preset's (demo auto, others 1)")
+@click.option("--scheduler", default=None, help="run the tasks on a Dask cluster: the scheduler's address, e.g. tcp://host:8786")
+@click.option("--scheduler-file", default=None, help="run the tasks on the Dask cluster whose scheduler wrote this file "
+              "(dask scheduler --scheduler-file FILE)")
+@click.option("--cache", "cache_mode", default="auto", show_default=True, type=click.Choice(["auto", "shared", "ship"]),
+              help="Dask workers: use the driver's model cache (shared filesystem), or ship each model as bytes; "
+              "auto: shared if the workers see the driver's cache folder")
 @click.option("--out", default=None, help="run folder (default: results/<preset>-<grid hash>); rerunning resumes it")
 @click.option("--data-dir", default=None, help="data root (default: $BENCH_DATA_DIR, else the user cache)")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--set", "sets", multiple=True, help="component.field=value override, e.g. rnp.clean_threshold=0.3 (repeatable)")
 @click.option("--detect", default=None, help="all, or a comma list of detectors (bench list detectors): the detection track")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, device, sets, detect, quiet) -> None:
+def run(attack_, defense, dataset, model, preset, seeds, jobs, scheduler, scheduler_file, cache_mode, out, data_dir, device,
+        sets, detect, quiet) -> None:
     """Train poisoned models, apply defenses, write records, tables and plots."""
     from attacks import ATTACKS
     from bench.config import parse_sets
     from bench.data import DATASETS
-    from bench.grid import GridSpec, run_grid
     from bench.models import MODELS
     from bench.presets import PRESETS
     from bench.report import markdown_table, write_reports
+    from bench.run.execute import make_executor, run_grid
+    from bench.run.plan import GridSpec
     from bench.store import content_hash
     from defenses import DEFENSES
     from detectors import DETECTORS
 
-    dev = _device(device)
+    cluster = scheduler or scheduler_file
+    if cluster and jobs is not None:
+        raise BenchError(f"--jobs {jobs} with a Dask scheduler: the cluster's workers set the parallelism; drop --jobs")
+    if cache_mode != "auto" and not cluster:
+        raise BenchError(f"--cache {cache_mode} is for Dask workers; give --scheduler or --scheduler-file, or drop --cache")
+    dev = _device(device) if not cluster else ("cpu" if device == "auto" else device)
     if preset is None:
         preset = _default_preset(dev)
         click.echo(f"no --preset given: using '{preset}' ({'CUDA found' if dev == 'cuda' else 'no CUDA device'})")
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    jobs = _jobs(PRESETS[preset].jobs if jobs is None else jobs, dev)
+    jobs = 1 if cluster else _jobs(PRESETS[preset].jobs if jobs is None else jobs, dev)
     defs = _split(defense, DEFENSES, "defense")
     if "none" in DEFENSES:  # the baseline row, always, once and first
         defs = ["none", *[d for d in defs if d != "none"]]
@@ -138,15 +151,19 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, out, data_dir, de
     )
     if data_dir is not None and not Path(data_dir).is_dir():
         raise BenchError(f"--data-dir {data_dir} is not a folder")
-    cells, detect_cells = spec.resolve_all()  # every name and value is checked here, before any work
+    cells, detect_cells = spec.plan()  # every name and value is checked here, before any work
     if out is None:
         first = cells[0].job
         out = Path("results") / f"{preset}-{first.dataset.name}-{first.model.name}-" \
             f"{content_hash({'cells': [c.id for c in cells], 'sets': sorted(sets)}, 8)}"
     extra = f" + {len(detect_cells)} detection cells" if detect_cells else ""
-    click.echo(f"run folder: {out}  ({len(cells)} cells{extra}, device {dev}, jobs {jobs})")
-    records = run_grid(cells, out, preset=preset, device=dev, jobs=jobs, progress=not quiet,
-                       log=lambda m: click.echo(m), detect=detect_cells)
+    executor = make_executor(jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file, device=dev, cache=cache_mode)
+    try:
+        click.echo(f"run folder: {out}  ({len(cells)} cells{extra}, device {dev}, {executor.describe()})")
+        records = run_grid(cells, out, preset=preset, device=dev, executor=executor, progress=not quiet,
+                           log=lambda m: click.echo(m), detect=detect_cells)
+    finally:
+        executor.close()
     paths = write_reports(out)
     click.echo("")
     click.echo(markdown_table(records))

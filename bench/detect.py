@@ -1,15 +1,16 @@
-"""The detection track's harness: run detectors on the grid's cached models and score their answers.
+"""The detection track's scoring: what a detector is scored on and how (the harness's side).
 
-A detection cell is (dataset, model, attack, detector, seed): the model trained in phase 1
-(the ``clean`` attack's model is the negative case) and one detector (``detectors``). The
-detector gets the model and the same clean defense subset a defense of that cell gets, and a
-``DefenseContext``: nothing that names the attack. The harness alone knows the truth
-(``truth``: whether the model is backdoored and the attack's target) and scores the answer
-after the detector has returned:
+A detection cell (``bench.run.plan.DetectCell``: dataset, model, attack, detector, seed) runs a
+detector (``detectors``) on a cached model, the ``clean`` attack's model being the negative case;
+``bench.run.cells.run_detect_cell`` gives it the model and the same clean defense subset a defense
+of that model gets, and a ``DefenseContext``: nothing that names the attack. The harness alone
+knows the truth (``truth``: whether the model is backdoored and the attack's target) and scores
+the answer after the detector has returned:
 
 - model level: ``label`` (the suspected target, or None), ``score`` (larger = more likely
   backdoored) and ``label_correct`` (the label is the all-to-one target; None where no target
-  is defined: the clean model and all-to-all attacks).
+  is defined: the clean model and all-to-all attacks); a recovered trigger is scored by
+  ``trigger_scores``.
 - sample and input level: the detector scores inputs (``detection_inputs``: the poisoned
   training set, or a shuffled, unlabelled test-time mix for attacks that store no poisoned image
   and for input-level detectors); the harness records ``auroc``, ``tpr_at_5fpr`` (the true positive rate where 5 %
@@ -20,42 +21,21 @@ after the detector has returned:
   detector's miss.
 
 Across cells, ``bench.report`` computes each detector's label accuracy over the backdoored
-models and the AUROC of its score over backdoored against clean models (``auroc``).
-
-Each finished detection cell is its own file ``RUN_DIR/detect/<cell>.json`` (atomic, as a
-removal cell), so detection resumes and survives SIGKILL as removal does; ``--detect`` on a
-run folder made without it computes only the detection cells that are missing.
+models and the AUROC of its score over backdoored against clean models (``auroc``). Each
+finished detection cell is its own file ``RUN_DIR/detect/<cell>.json`` (``bench.run.rundir``),
+so detection resumes and survives SIGKILL as removal does; ``--detect`` on a run folder made
+without it computes only the detection cells that are missing.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from bench.data import ImageSet
 from bench.metrics import TriggeredSet
 from bench.registry import BenchError
-from defenses.base import DefenseContext
-from detectors.base import Detector
-
-if TYPE_CHECKING:  # bench.grid imports this module, so only for the annotations
-    from bench.grid import RunConfig, TrainJob
-
-
-@dataclass(frozen=True)
-class DetectCell:
-    job: TrainJob
-    detector: Detector
-    run: RunConfig
-
-    @property
-    def id(self) -> str:
-        j = self.job
-        return f"{j.dataset.name}-{j.model.name}-{j.attack.name}-{self.detector.name}-s{j.seed}"
 
 
 def truth(attack) -> dict:
@@ -63,80 +43,6 @@ def truth(attack) -> dict:
     backdoored = bool(attack.has_trigger)
     target = int(attack.target) if backdoored and getattr(attack, "label_mode", "all2one") == "all2one" else None
     return {"backdoored": backdoored, "target": target}
-
-
-def base_detect_record(cell: DetectCell, preset: str) -> dict:
-    from bench.grid import defense_pool, git_revision, job_config, versions
-
-    j = cell.job
-    return {
-        "cell": cell.id, "dataset": j.dataset.name, "model": j.model.name, "attack": j.attack.name,
-        "detector": cell.detector.name, "level": cell.detector.level, "seed": j.seed,
-        "status": "failed", "error": None, "truth": truth(j.attack), "detection": None,
-        "seconds": {"detect": None}, "info": {}, "data": None,
-        "config": {"preset": preset, **job_config(j), "detector": {"name": cell.detector.name, **cell.detector.to_dict()},
-                   "run": cell.run.to_dict(), "model_key": j.key, "defense_pool": defense_pool(j.attack),
-                   **({} if cell.detector.level == "model" else {"inputs_version": INPUTS_VERSION})},
-        "versions": versions(), "git": git_revision(),
-    }
-
-
-def run_detect_cell(cell: DetectCell, device: str, preset: str) -> dict:
-    """Run the cell's detector on the cached model and score its answer; return the record."""
-    from bench.grid import defense_data, load_backdoored, model_dir
-    from bench.store import read_json
-
-    job = cell.job
-    ds = job.dataset
-    rec = base_detect_record(cell, preset)
-    rec["truth"]["asr"] = read_json(model_dir(job) / "meta.json")["metrics"]["asr"]  # did the backdoor implant?
-    train_set, test_set = ds.load(job.data_dir)
-    rec["data"] = job.data
-    model, attack, poison_idx, triggered = load_backdoored(job, device)
-    clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)  # exactly what a defense of this model gets
-    ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
-                         device=torch.device(device), bf16=job.train.bf16)
-    level = cell.detector.level
-    if level == "model":
-        t0 = time.perf_counter()
-        det = cell.detector(copy.deepcopy(model), clean, ctx)
-        rec["seconds"]["detect"] = time.perf_counter() - t0
-        # Scored here, after the detector returned, against the truth it never saw.
-        target = rec["truth"]["target"]
-        rec["detection"] = {
-            "label": det.label,
-            "score": float(det.score),
-            "label_correct": None if target is None else det.label == target,
-        }
-        if {"mask", "pattern"} <= set(det.tensors) and rec["truth"]["backdoored"]:  # a recovered trigger
-            want = target if target is not None else det.label
-            for prefix in TRIGGER_PREFIXES:
-                if f"{prefix}mask" in det.tensors:
-                    rec["detection"].update({f"{prefix}{k}": v for k, v in trigger_scores(
-                        model, attack, test_set, det.tensors[f"{prefix}mask"], det.tensors[f"{prefix}pattern"], want,
-                        device=device, bf16=job.train.bf16).items()})
-    else:
-        inputs, poisoned, source = detection_inputs(attack, level, train_set, test_set, triggered, poison_idx, job.seed)
-        if inputs is None:  # nothing to find here: recorded as such, not as a failure
-            rec.update(status=NOT_APPLICABLE, info={"reason": source, "defense_images": len(clean)})
-            return rec
-        t0 = time.perf_counter()
-        det = cell.detector(copy.deepcopy(model), clean, ctx, inputs)
-        rec["seconds"]["detect"] = time.perf_counter() - t0
-        scores = det.scores.detach().double().cpu()
-        if scores.shape != (len(inputs),):
-            raise ValueError(f"{cell.detector.name} returned {tuple(scores.shape)} scores for {len(inputs)} inputs")
-        pos, neg = scores[poisoned].tolist(), scores[~poisoned].tolist()
-        rec["detection"] = {
-            "source": source, "labelled": inputs.labelled, "inputs": len(inputs), "poisoned": int(poisoned.sum()),
-            "auroc": auroc(pos, neg), "tpr_at_5fpr": tpr_at_fpr(pos, neg, 0.05),
-            "precision_at_k": precision_at_k(scores, poisoned),
-        }
-    rec["info"] = {**det.info, "defense_images": len(clean)}
-    if det.tensors:
-        rec["_tensors"] = {k: v.detach().cpu() for k, v in det.tensors.items()}
-    rec["status"] = "ok"
-    return rec
 
 
 TRIGGER_PREFIXES = ("", "unlearned_", "baseline_")  # a detector's answer, its unlearned-model stage, its baseline
@@ -249,19 +155,6 @@ def precision_at_k(scores: torch.Tensor, truth_mask: torch.Tensor) -> float | No
         return None
     top = torch.topk(scores.double(), k).indices
     return float(truth_mask[top].double().mean())
-
-
-def safe_detect_cell(cell: DetectCell, device, preset) -> dict:
-    from bench.grid import _error
-
-    try:
-        return run_detect_cell(cell, device, preset)
-    except Exception as exc:
-        rec = base_detect_record(cell, preset)
-        rec["error"] = _error(exc)
-        return rec
-
-
 
 
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bench.registry import BenchError
-from bench.store import atomic_write_bytes, atomic_write_text
+from bench.report_style import figure, save_png, series_style, tex_escape
+from bench.store import atomic_write_text
 
 METRICS = ("ca", "asr", "ra")
 LABELS = {"ca": "CA", "asr": "ASR", "ra": "RA"}
@@ -131,7 +132,7 @@ def with_backdoor_rows(records: list[dict]) -> list[dict]:
 
 
 @dataclass
-class Cell:
+class TableCell:
     """One (dataset, model, attack, defense) over its seeds; values in percent."""
 
     n_ok: int = 0
@@ -167,12 +168,12 @@ class Table:
     model: str
     attacks: list[str]
     defenses: list[str]
-    cells: dict[tuple[str, str], Cell]
+    cells: dict[tuple[str, str], TableCell]
     max_seeds: int
     none_from_backdoor: bool = False
     no_asr: list[str] = field(default_factory=list)  # rows without a trigger (clean): not averaged
 
-    def cell(self, attack: str, defense: str) -> Cell | None:
+    def cell(self, attack: str, defense: str) -> TableCell | None:
         return self.cells.get((attack, defense))
 
     @property
@@ -227,7 +228,6 @@ def _short(s: str, n: int = 160) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-
 def _ordered(items: Iterable[str]) -> list[str]:
     seen: dict[str, None] = {}
     for x in items:
@@ -251,11 +251,11 @@ def build_tables(records: list[dict], backdoor: bool = True) -> list[Table]:
         if "none" in defenses:
             defenses.remove("none")
             defenses.insert(0, "none")
-        cells: dict[tuple[str, str], Cell] = {}
+        cells: dict[tuple[str, str], TableCell] = {}
         seeds: dict[tuple[str, str], set] = {}
         for r in group:
             key = (str(r["attack"]), str(r["defense"]))
-            c = cells.setdefault(key, Cell())
+            c = cells.setdefault(key, TableCell())
             seeds.setdefault(key, set()).add(r["seed"])
             if _ok(r):
                 c.n_ok += 1
@@ -379,14 +379,6 @@ def csv_text(records: list[dict]) -> str:
     return buf.getvalue()
 
 
-_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def tex_escape(s: str) -> str:
-    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in s)
-
-
 def _tex_cell(text: str) -> str:
     if text == "-":
         return "--"
@@ -420,35 +412,7 @@ def latex_table(records: list[dict]) -> str:
 # ---------------------------------------------------------------- plots
 
 
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-
-
-def _style(i: int) -> dict:
-    from matplotlib import colormaps
-
-    return {"color": colormaps["tab10"](i % 10), "marker": _MARKERS[i % len(_MARKERS)]}
-
-
 BACKDOOR_STYLE = {"color": "0.25", "marker": "x"}
-
-
-def _figure(n: int, ncols: int, w: float, h: float, min_width: float = 6.5):
-    from matplotlib.figure import Figure
-
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(max(w * ncols, min_width), h * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
-
-
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def _backdoor_points(records: list[dict]) -> dict[tuple, dict]:
@@ -478,7 +442,7 @@ def plot_ca_vs_asr(records: list[dict], path: Path) -> Path | None:
     if not groups:
         return None
     defenses = _defenses(records)
-    fig, axes = _figure(len(groups), 3, 5.2, 4.4)
+    fig, axes = figure(len(groups), 3, 5.2, 4.4)
     for ax, (ds, mo) in zip(axes, groups):
         pts = {k: v for k, v in bd.items() if k[:2] == (ds, mo)}
         for r in defended:  # thin lines from each backdoored model to its defended versions
@@ -492,14 +456,14 @@ def plot_ca_vs_asr(records: list[dict], path: Path) -> Path | None:
         for i, d in enumerate(defenses):
             rs = [r for r in defended if r["defense"] == d and (r["dataset"], r["model"]) == (ds, mo)]
             if rs:
-                st = _style(i)
+                st = series_style(i)
                 ax.scatter([_value(r["metrics"], "asr") for r in rs], [_value(r["metrics"], "ca") for r in rs], s=40,
                            c=[st["color"]], marker=st["marker"], edgecolors="white", linewidths=0.5, label=d, zorder=4)
         ax.set(xlabel="ASR (%)", ylabel="CA (%)", title=f"{ds} / {mo}", xlim=(-4, 104))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle("Clean accuracy vs attack success rate (top left is best)\none point per attack and seed; grey lines join a model before and after")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_asr_before_after(records: list[dict], path: Path) -> Path | None:
@@ -529,12 +493,12 @@ def plot_asr_before_after(records: list[dict], path: Path) -> Path | None:
                 elif v is not None:
                     vals[str(r["attack"])].append(v)
             if any(vals.values()) or any(failed.values()):
-                series.append((d, _style(i), vals, failed))
+                series.append((d, series_style(i), vals, failed))
         if any(v for _, _, vals, _ in series for v in vals.values()):
             series_per_group.append(((ds, mo), attacks, series))
     if not series_per_group:
         return None
-    fig, axes = _figure(len(series_per_group), 2, 1.0 + 1.1 * max(len(a) for _, a, _ in series_per_group), 4.0)
+    fig, axes = figure(len(series_per_group), 2, 1.0 + 1.1 * max(len(a) for _, a, _ in series_per_group), 4.0)
     for ax, ((ds, mo), attacks, series) in zip(axes, series_per_group):
         width = 0.8 / len(series)
         for j, (name, st, vals, failed) in enumerate(series):
@@ -561,7 +525,7 @@ def plot_asr_before_after(records: list[dict], path: Path) -> Path | None:
                loc="outside lower center", ncols=min(6, len(names)), fontsize=9)
     several = "one seed" in names
     fig.suptitle("Attack success rate before and after each defense" + (" (bars: mean over seeds)" if several else ""))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_oracle_curves(records: list[dict], path: Path) -> Path | None:
@@ -571,7 +535,7 @@ def plot_oracle_curves(records: list[dict], path: Path) -> Path | None:
     if not rs:
         return None
     panels = _ordered((r["dataset"], r["model"], r["defense"], r["attack"]) for r in rs)
-    fig, axes = _figure(len(panels), 3, 4.6, 3.6)
+    fig, axes = figure(len(panels), 3, 4.6, 3.6)
     multi = len({(p[0], p[1], p[2]) for p in panels}) > 1
     for ax, (ds, mo, de, at) in zip(axes, panels):
         mine = [r for r in rs if (r["dataset"], r["model"], r["defense"], r["attack"]) == (ds, mo, de, at)]
@@ -600,7 +564,7 @@ def plot_oracle_curves(records: list[dict], path: Path) -> Path | None:
     on = f"test subset of {sizes.pop()[0]:,} clean images" if len(sizes) == 1 else "test set"
     fig.suptitle(f"{name} pruning sweep{where}: oracle view ({on})\n"
                  "the defense chose its threshold from its own clean data, not from these curves")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_gallery(run_dir: Path, records: list[dict], path: Path) -> Path | None:
@@ -666,7 +630,7 @@ def plot_gallery(run_dir: Path, records: list[dict], path: Path) -> Path | None:
             if j == 0:
                 ax.set_ylabel(label, fontsize=9)
     fig.suptitle("Trigger gallery" + ("" if several else f" ({items[0][1]})"))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _reversed_triggers(run_dir: Path, records: list[dict]) -> dict[tuple[str, str], tuple]:

@@ -240,7 +240,7 @@ def detection_csv(dets: list[dict]) -> str:
 
 
 def detection_latex(dets: list[dict]) -> str:
-    from bench.report import tex_escape
+    from bench.report_style import tex_escape
 
     lines = []
     for ds, model in _ordered((d["dataset"], d["model"]) for d in model_level(dets)):
@@ -267,7 +267,7 @@ def detection_latex(dets: list[dict]) -> str:
 
 def plot_roc(dets: list[dict], path: Path) -> Path | None:
     """ROC curves of model-level detectors; None when no (dataset, model) has both kinds of model."""
-    from bench.report import _figure, _save, _style
+    from bench.report_style import figure, save_png, series_style
 
     panels = []
     dets = model_level(dets)
@@ -283,15 +283,15 @@ def plot_roc(dets: list[dict], path: Path) -> Path | None:
             panels.append((f"{ds} / {model}", curves))
     if not panels:
         return None
-    fig, axes = _figure(len(panels), 3, 3.6, 3.4)
+    fig, axes = figure(len(panels), 3, 3.6, 3.4)
     for ax, (title, curves) in zip(axes, panels):
         for i, name, fpr, tpr, area in curves:
-            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{name} (AUROC {area:.2f})", **_style(i))
+            ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{name} (AUROC {area:.2f})", **series_style(i))
         ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
         ax.set(title=title, xlabel="false positive rate (clean models)", ylabel="true positive rate (backdoored)",
                xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
         ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 TRIGGER_PANELS = (("", "recovered", "trigger_asr"), ("unlearned_", "unlearned model only", "unlearned_trigger_asr"),
@@ -301,7 +301,7 @@ TRIGGER_PANELS = (("", "recovered", "trigger_asr"), ("unlearned_", "unlearned mo
 def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
     """Per attack with a recovered trigger: the true trigger (amplified difference of the run's example
     pair), the recovered mask x pattern, the unlearned model's (where the detector keeps it), and the baseline's."""
-    from bench.report import _figure, _save
+    from bench.report_style import figure, save_png
     from bench.store import load_tensors
 
     rows = []
@@ -322,7 +322,7 @@ def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
     cols = 1 + max(len(rec) for _, _, rec, _ in rows)
-    fig, axes = _figure(cols * len(rows), cols, 1.9, 2.0)
+    fig, axes = figure(cols * len(rows), cols, 1.9, 2.0)
     for ax in axes:
         ax.axis("off")
     for i, (title, true, rec, det) in enumerate(rows):
@@ -334,7 +334,7 @@ def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
             ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
             ax.set_title(f"{title}\n{lab}" if j == 0 else lab, fontsize=6)
             ax.set_xticks([]), ax.set_yticks([])
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_detection_reports(run_dir: str | Path) -> dict[str, Path]:

@@ -70,7 +70,7 @@ def test_target_without_images_is_refused_before_training(name):
     train = unbalanced_set(target_count=0)  # no image of class 3
     atk = ATTACKS.get(name)(target=3)
     with pytest.raises(BenchError) as err:
-        atk.prepare(K, 3, 32, train, 0)  # bench.grid.train_backdoored calls prepare before training
+        atk.prepare(K, 3, 32, train, 0)  # bench.run.cells.train_model calls prepare before training
     msg = str(err.value)
     assert "\n" not in msg and f"{name}.target=3" in msg and "allowed" in msg and "no training images" in msg
     ok = ATTACKS.get(name)(target=3)
@@ -117,7 +117,7 @@ def test_defense_data_keeps_clean_label_targets_and_drops_relabelled_images(name
     """Fails if the defense data's classes reveal a clean-label attack's target (the pool used to
     drop every poisoned index, which emptied the target class), or if relabelled images get in."""
     from bench.data import defense_subset
-    from bench.grid import defense_data
+    from bench.run.cells import defense_data
 
     train = unbalanced_set()  # 200 images, 13 of the target class 3
     atk = ATTACKS.get(name)(target=3, poison_rate=1.0 if ATTACKS.get(name).clean_label else 0.3)

@@ -16,14 +16,16 @@ import torch
 from click.testing import CliRunner
 
 import attacks  # noqa: F401  (registers the built-in attacks)
-import bench.grid as grid
+import bench.run.cells as grid
 from attacks import ATTACKS
 from attacks.base import Attack
 from attacks.lf import LowFrequency
 from bench.cli import main
 from bench.config import build
 from bench.data import Augmentation, ImageSet, cache_dir
-from bench.grid import GridSpec, load_backdoored, model_dir, reference_job, run_grid
+from bench.run.plan import GridSpec, model_dir, reference_job
+from bench.run.cells import load_model
+from bench.run.execute import run_grid
 from bench.metrics import evaluate
 from bench.models import MODELS
 from bench.registry import BenchError
@@ -86,7 +88,7 @@ def md_rows(md: str) -> dict[str, list[str]]:
 
 def test_clean_row_through_grid_records_tables_plots_and_cli(tmp_path, monkeypatch):
     """clean beside an attack: records store null ASR/RA, the tables show "-", the Average skips it, plots survive."""
-    base = GridSpec(attacks=["clean", "badnets"], defenses=["none"], overrides=TINY, preset="demo").resolve()
+    base = GridSpec(attacks=["clean", "badnets"], defenses=["none"], overrides=TINY, preset="demo").plan().defense_cells
     cells = base + [dataclasses.replace(c, defense=Sweeper()) for c in base]
     run = tmp_path / "run"
     evaluated: list[int] = []  # one entry (the clean set's size) per evaluate() call
@@ -167,38 +169,34 @@ class SpyB(SpyA):
 
 
 def spy_cells(with_clean_row: bool):
-    (base,) = GridSpec(attacks=["clean"], defenses=["none"], overrides=TINY, preset="demo").resolve()
+    (base,) = GridSpec(attacks=["clean"], defenses=["none"], overrides=TINY, preset="demo").plan().defense_cells
     spies = [dataclasses.replace(base, job=dataclasses.replace(base.job, attack=a)) for a in (SpyA(), SpyB())]
     return ([base] if with_clean_row else []) + spies
 
 
 def test_the_clean_reference_is_trained_once_and_shared(tmp_path, monkeypatch):
+    from bench.run.plan import graph
+
+    tasks = graph(spy_cells(with_clean_row=True), [])
+    train = [t for t in tasks if t.kind == "train"]
+    assert [t.item.attack.name for t in train] == ["clean", "spya", "spyb"], "one task per model, the reference first"
+    assert all(t.deps == (train[0].key,) for t in train[1:]), "each attack's model waits for the shared clean one"
+    assert all(t.deps == (train[i].key,) for i, t in enumerate(t for t in tasks if t.kind == "defend")), "a cell waits for its model only"
     trained: list[str] = []
     real_train = grid.train
     monkeypatch.setattr(grid, "train", lambda *a, **k: trained.append(k["desc"].split("/")[2]) or real_train(*a, **k))
-    stages: list[list[str]] = []
-    real_parallel = grid._parallel
-
-    def recording(fn, arglist, jobs, threads):  # what --jobs 2 would hand the workers, run here in order
-        if fn is grid._safe_train:
-            stages.append([args[0].attack.name for args in arglist])
-        yield from real_parallel(fn, arglist, 1, threads)
-
-    monkeypatch.setattr(grid, "_parallel", recording)
-    recs = run_grid(spy_cells(with_clean_row=True), tmp_path / "run", jobs=2, **QUIET)
+    recs = run_grid(spy_cells(with_clean_row=True), tmp_path / "run", **QUIET)
     assert [r["status"] for r in recs] == ["ok"] * 3
     assert sorted(trained) == ["clean", "spya", "spyb"], "the clean model is trained once: it is also the clean row"
-    assert stages == [["clean"], ["spya", "spyb"]], "clean references first, then the attacks that need them"
     assert len(list((cache_dir() / "models").glob("*-clean-*"))) == 1
     ref = reference_job(spy_cells(False)[0].job)
-    clean_model, *_ = load_backdoored(ref, "cpu")
+    clean_model, *_ = load_model(ref, "cpu")
     want = torch.cat([p.detach().flatten() for p in clean_model.state_dict().values() if p.is_floating_point()])
     for job in (c.job for c in spy_cells(False)):
-        _, attack, _, _ = load_backdoored(job, "cpu")
+        _, attack, _, _ = load_model(job, "cpu")
         assert torch.equal(attack.state["ref_params"], want), f"{job.attack.name} got other weights"
         assert json.loads((model_dir(job) / "meta.json").read_text())["reference"] == model_dir(ref).name
     # A new grid without the clean row reuses the cached clean model: nothing is trained again.
-    stages.clear()
     run_grid(spy_cells(with_clean_row=False), tmp_path / "run2", **QUIET)
     assert sorted(trained) == ["clean", "spya", "spyb"]
 
@@ -314,7 +312,7 @@ def test_lf_perturbation_pushes_the_reference_model_to_the_target():
 ])
 def test_lf_bad_settings_are_one_line_errors_before_any_work(field, value, match):
     with pytest.raises(BenchError, match=match) as err:
-        GridSpec(attacks=["lf"], defenses=["none"], overrides={**TINY, "lf": {field: value}}, preset="demo").resolve()
+        GridSpec(attacks=["lf"], defenses=["none"], overrides={**TINY, "lf": {field: value}}, preset="demo").plan().defense_cells
     assert "\n" not in str(err.value)
 
 

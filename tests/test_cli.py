@@ -102,7 +102,7 @@ def test_every_preset_field_builds(preset):
     from defenses import DEFENSES
     from detectors import DETECTORS
 
-    from bench.grid import RunConfig
+    from bench.run.plan import RunConfig
 
     for comp, values in PRESETS[preset].fields.items():
         cls = RunConfig if comp == "run" else next(r for r in (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS) if comp in r).get(comp)
@@ -133,17 +133,17 @@ def test_default_preset_is_printed(monkeypatch):
 
 
 def test_failed_cell_gives_nonzero_exit(tmp_path, monkeypatch):
-    import bench.grid as grid
+    import bench.run.cells as cells
 
-    real = grid.run_cell
+    real = cells.run_defense_cell
 
     def flaky(cell, *a, **k):
         if cell.defense.name == "none":
             raise RuntimeError("injected failure")
         return real(cell, *a, **k)
 
-    monkeypatch.setattr(grid, "run_cell", flaky)
-    res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--defense", "none", "--preset", "demo",
+    monkeypatch.setattr(cells, "run_defense_cell", flaky)
+    res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--defense", "none", "--preset", "demo", "--jobs", "1",
                                     "--out", str(tmp_path / "run"), *TINY])
     assert res.exit_code == 1
     assert "RuntimeError: injected failure" in (tmp_path / "run" / "records.jsonl").read_text()

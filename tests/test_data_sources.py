@@ -64,14 +64,14 @@ def test_the_decoded_cache_follows_the_data_folder_and_its_files(tmp_path):
 def test_models_are_keyed_by_the_decoded_images_not_by_the_folder(tmp_path):
     import shutil
 
-    from bench.grid import GridSpec
+    from bench.run.plan import GridSpec
 
     a, b = fake_gtsrb(tmp_path / "a", 10), fake_gtsrb(tmp_path / "b", 200)
     shutil.copytree(a, tmp_path / "copy")  # the same files elsewhere
 
     def key(root):
         bdata._LOADED.clear()
-        (cell,) = GridSpec(attacks=["badnets"], defenses=["none"], preset="quick", data_dir=str(root)).resolve()
+        (cell,) = GridSpec(attacks=["badnets"], defenses=["none"], preset="quick", data_dir=str(root)).plan().defense_cells
         return cell.job.key
 
     assert key(a) != key(b), "other images, another model"
@@ -93,12 +93,13 @@ def test_the_missing_dataset_error_holds_whatever_the_cache_holds(tmp_path):
 
 
 def test_records_and_model_sidecars_name_the_data(tmp_path):
-    from bench.grid import GridSpec, model_dir, run_grid
+    from bench.run.plan import GridSpec, model_dir
+    from bench.run.execute import run_grid
     from bench.store import read_json
 
     tiny = {"synthetic": {"n_train": "200", "n_test": "50"}, "smallcnn": {"width": "4"},
             "train": {"epochs": "1", "batch_size": "64"}, "run": {"defense_data": "20"}}
-    cells = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=tiny).resolve()
+    cells = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=tiny).plan().defense_cells
     (rec,) = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
     train, test = DATASETS.get("synthetic")(n_train=200, n_test=50).load()
     assert rec["data"] == {"source": "built-in", "digest": bdata.digest(train, test)}

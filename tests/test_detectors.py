@@ -19,8 +19,10 @@ from torch import nn
 
 import defenses.rnp as rnp_module
 from attacks import ATTACKS
-from bench.detect import DetectCell, auroc, roc_points, truth
-from bench.grid import GridSpec, run_grid
+from bench.detect import auroc, roc_points, truth
+from bench.run.plan import DetectCell
+from bench.run.plan import GridSpec
+from bench.run.execute import run_grid
 from bench.metrics import evaluate
 from bench.models import MODELS
 from bench.registry import BenchError
@@ -160,7 +162,7 @@ def test_every_detector_is_listed_with_fields_and_takes_settings(name):
     assert describe(DETECTORS.get(name)), "bench list detectors --fields has something to print"
     with pytest.raises(BenchError, match="nosuch"):
         GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=[name],
-                 overrides={name: {"nosuch": "1"}}).resolve_all()
+                 overrides={name: {"nosuch": "1"}}).plan()
 
 
 def test_registry_refuses_duplicates_and_lists_names_on_a_miss():
@@ -358,7 +360,7 @@ class SpyDetector(Detector):
 def grid(tmp_path, detectors, attacks=("clean", "badnets"), **kw):
     spec = GridSpec(attacks=list(attacks), defenses=["none"], preset="demo", overrides={**TINY, "badnets": {"target": "1"}},
                     detectors=[])
-    cells, _ = spec.resolve_all()
+    cells, _ = spec.plan()
     det = [DetectCell(c.job, d, c.run) for c in cells for d in detectors]
     return cells, det
 
@@ -366,7 +368,7 @@ def grid(tmp_path, detectors, attacks=("clean", "badnets"), **kw):
 def test_the_harness_hands_a_detector_nothing_about_the_attack_and_scores_with_the_truth(tmp_path):
     """Fails if a detector is handed the target, the poison indices, the trigger or test data."""
     from bench.data import DATASETS
-    from bench.grid import load_backdoored
+    from bench.run.cells import load_model
 
     SEEN.clear()
     cells, det = grid(tmp_path, [SpyDetector()])
@@ -379,7 +381,7 @@ def test_the_harness_hands_a_detector_nothing_about_the_attack_and_scores_with_t
         assert isinstance(model, nn.Module) and isinstance(c, DefenseContext)
         assert set(vars(c)) == {"num_classes", "augmentation", "seed", "device", "bf16", "progress"}
         assert len(clean) == 40
-    model, _, poison_idx, triggered = load_backdoored(cells[1].job, "cpu")
+    model, _, poison_idx, triggered = load_model(cells[1].job, "cpu")
     bd_asr = evaluate(model, test_set, triggered, bf16=cells[1].job.train.bf16)["asr"]  # the model's ASR, for the record
     assert len(poison_idx) > 0
     rows = lambda t: {bytes(r.numpy().tobytes()) for r in t.flatten(1)}  # noqa: E731
@@ -551,25 +553,25 @@ def test_cli_detect_refuses_unknown_names_on_one_line(tmp_path):
 def test_detectors_take_the_defense_settings_first(tmp_path):
     spec = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=["rnp_label"],
                     overrides={"rnp": {"unlearn_lr": "0.03"}})
-    _, det = spec.resolve_all()
+    _, det = spec.plan()
     d = det[0].detector
     assert d.clean_threshold == 0.5 and d.select == "auto", "the demo preset's rnp fields"
     assert d.unlearn_lr == 0.03, "--set rnp.* reaches the detector"
     spec.overrides["rnp_label"] = {"unlearn_lr": "0.07"}
-    assert spec.resolve_all()[1][0].detector.unlearn_lr == 0.07, "its own --set wins"
+    assert spec.plan()[1][0].detector.unlearn_lr == 0.07, "its own --set wins"
 
 
 def test_a_preset_sets_detector_and_run_fields_and_set_overrides_them():
     """The demo preset's STRIP uses 10 overlays and its sweep 200 images; --set gives the defaults back."""
     spec = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=["strip"])
-    cells, det = spec.resolve_all()
+    cells, det = spec.plan()
     assert det[0].detector.n_overlays == 10 and cells[0].run.sweep_images == 200 and cells[0].run.defense_data == 500
-    assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick").resolve()[0].run.sweep_images == 2000
+    assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick").plan().defense_cells[0].run.sweep_images == 2000
     spec.overrides["run"] = {"sweep_images": "0"}
-    assert spec.resolve_all()[0][0].run.sweep_images == 0
-    assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick", detectors=["strip"]).resolve_all()[1][0].detector.n_overlays == 100
+    assert spec.plan()[0][0].run.sweep_images == 0
+    assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick", detectors=["strip"]).plan()[1][0].detector.n_overlays == 100
     spec.overrides["strip"] = {"n_overlays": "100"}
-    assert spec.resolve_all()[1][0].detector.n_overlays == 100
+    assert spec.plan()[1][0].detector.n_overlays == 100
 
 
 def test_the_trigger_table_and_csv_carry_all_three_triggers():

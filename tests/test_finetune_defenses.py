@@ -17,7 +17,7 @@ import defenses.nad as nad_module
 from attacks import ATTACKS
 from bench.config import build
 from bench.data import DATASETS, Augmentation, ImageSet
-from bench.grid import GridSpec
+from bench.run.plan import GridSpec
 from bench.metrics import evaluate
 from bench.models import MODELS
 from bench.registry import BenchError
@@ -103,11 +103,11 @@ def test_nad_unknown_layer_fails_at_check_and_in_the_grid():
     assert "\n" not in str(err.value)
     NAD(layers=("net.12",), betas=(1.0,)).check(tiny())
     with pytest.raises(BenchError, match="nosuch"):  # one layer, three default betas: the count fails first
-        GridSpec(attacks=["badnets"], defenses=["nad"], preset="demo", overrides={"nad": {"layers": "nosuch"}}).resolve()
+        GridSpec(attacks=["badnets"], defenses=["nad"], preset="demo", overrides={"nad": {"layers": "nosuch"}}).plan().defense_cells
     with pytest.raises(BenchError, match="no module 'nosuch'"):
-        GridSpec(attacks=["badnets"], defenses=["nad"], preset="demo", overrides={"nad": {"layers": "nosuch", "betas": "1000"}}).resolve()
+        GridSpec(attacks=["badnets"], defenses=["nad"], preset="demo", overrides={"nad": {"layers": "nosuch", "betas": "1000"}}).plan().defense_cells
     cells = GridSpec(attacks=["badnets"], defenses=["nad"], preset="demo",
-                     overrides={"nad": {"layers": "net.12,net.19", "betas": "500,1000"}}).resolve()
+                     overrides={"nad": {"layers": "net.12,net.19", "betas": "500,1000"}}).plan().defense_cells
     assert cells[0].defense.layers == ("net.12", "net.19")
 
 

@@ -15,7 +15,9 @@ import torch
 
 from bench import store
 from bench.data import cache_dir
-from bench.grid import Cell, GridSpec, RunDir, model_dir, run_grid
+from bench.run.plan import DefenseCell, GridSpec, model_dir
+from bench.run.rundir import RunDir
+from bench.run.execute import run_grid
 from defenses.base import Defense, DefenseResult
 
 TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
@@ -53,12 +55,12 @@ class Boom(Defense):
 
 
 def cells_with(defenses, seeds=(0,)):
-    base = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", seeds=list(seeds), overrides=TINY).resolve()
+    base = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", seeds=list(seeds), overrides=TINY).plan().defense_cells
     return [dataclasses.replace(c, defense=d) for c in base for d in defenses]
 
 
 def test_resume_skips_finished_cells_and_reuses_cached_models(tmp_path, monkeypatch):
-    import bench.grid as grid
+    import bench.run.cells as grid
 
     trained = []
     real_train = grid.train
@@ -113,10 +115,10 @@ def test_cache_holds_safetensors_and_json_only(tmp_path):
 
 
 def test_different_configs_get_different_cache_keys():
-    a = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=TINY).resolve()[0].job
+    a = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=TINY).plan().defense_cells[0].job
     b = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo",
-                 overrides={**TINY, "badnets": {"poison_rate": "0.05"}}).resolve()[0].job
-    c = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", seeds=[1], overrides=TINY).resolve()[0].job
+                 overrides={**TINY, "badnets": {"poison_rate": "0.05"}}).plan().defense_cells[0].job
+    c = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", seeds=[1], overrides=TINY).plan().defense_cells[0].job
     assert len({a.key, b.key, c.key}) == 3
 
 
@@ -189,9 +191,9 @@ def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path, monkeypatc
     """The same grid in-process and with --jobs 2, at the same thread count per model: the same
     metrics and defense facts to the last digit (RNP's masks, thresholds and curves included)."""
     import defenses.rnp
-    from bench.grid import cpu_cores
+    from bench.run.execute import cpu_cores
 
-    cells = GridSpec(attacks=["badnets", "blend"], defenses=["none", "rnp"], preset="demo", overrides=TINY).resolve()
+    cells = GridSpec(attacks=["badnets", "blend"], defenses=["none", "rnp"], preset="demo", overrides=TINY).plan().defense_cells
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, cpu_cores() // 2))  # what each of the two workers gets
     try:
@@ -211,13 +213,13 @@ def test_parallel_jobs_give_the_same_records_as_one_process(tmp_path, monkeypatc
 def test_a_lone_job_of_a_parallel_grid_trains_with_the_workers_thread_count(tmp_path):
     # CPU results depend on the thread count, so a model of a --jobs N grid must train with the
     # workers' count even when it is the only job of its stage (run in-process).
-    from bench.grid import cpu_cores
+    from bench.run.execute import cpu_cores
 
     before = torch.get_num_threads()
     ambient = 7  # not what --jobs 2 gives on any machine with fewer than 14 cores
     torch.set_num_threads(ambient)
     try:
-        cells = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=TINY).resolve()
+        cells = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=TINY).plan().defense_cells
         (rec,) = run_grid(cells, tmp_path / "run", preset="demo", jobs=2, progress=False, log=lambda m: None)
         assert rec["train_threads"] == max(1, cpu_cores() // 2) != ambient
         assert torch.get_num_threads() == ambient  # restored afterwards
@@ -230,7 +232,7 @@ def test_a_lone_job_of_a_parallel_grid_trains_with_the_workers_thread_count(tmp_
 
 def test_jobs_auto_is_one_worker_per_core_on_the_cpu_and_one_on_cuda():
     from bench.cli import _jobs
-    from bench.grid import cpu_cores
+    from bench.run.execute import cpu_cores
     from bench.presets import PRESETS
 
     assert _jobs("auto", "cpu") == cpu_cores() and _jobs("auto", "cuda") == 1 and _jobs("3", "cpu") == 3
@@ -254,7 +256,7 @@ class Spy(Defense):
 def test_a_defense_receives_only_clean_training_images_and_no_attack_facts(tmp_path):
     """Fails if the grid hands a defense test images, poisoned images, or the attack's target or trigger."""
     from bench.data import DATASETS
-    from bench.grid import load_backdoored
+    from bench.run.cells import load_model
 
     SEEN.clear()
     cells = cells_with([Spy()])
@@ -263,7 +265,7 @@ def test_a_defense_receives_only_clean_training_images_and_no_attack_facts(tmp_p
     x, y, ctx = SEEN[0]
     assert set(ctx) == {"num_classes", "augmentation", "seed", "device", "bf16", "progress"}  # nothing about the attack
     train_set, test_set = DATASETS.get("synthetic")(n_train=300, n_test=100).load()
-    _, _, poison_idx, triggered = load_backdoored(cells[0].job, "cpu")
+    _, _, poison_idx, triggered = load_model(cells[0].job, "cpu")
     rows = lambda t: {bytes(r.numpy().tobytes()) for r in t.flatten(1)}  # noqa: E731
     ours = rows(x)
     assert len(ours) == len(x) == 40
@@ -307,15 +309,16 @@ def test_defense_tensors_are_saved_with_the_cell_and_shown_in_the_gallery(tmp_pa
 def test_a_record_made_with_the_old_defense_pool_is_redone_for_clean_label_attacks_only():
     """Records before 2026-12-02 have no ``defense_pool``: their defense data left out every poisoned
     image. That changed only for clean-label attacks, so only their cells are recomputed on resume."""
-    from bench.grid import _is_done, base_record
+    from bench.run.rundir import is_done
+    from bench.run.cells import base_record
 
-    cells = GridSpec(attacks=["badnets", "sig"], defenses=["none"], preset="demo", overrides=TINY).resolve()
+    cells = GridSpec(attacks=["badnets", "sig"], defenses=["none"], preset="demo", overrides=TINY).plan().defense_cells
     for cell in cells:
         rec = base_record(cell, "demo")
         rec["status"] = "ok"
-        assert _is_done(rec, cell), "a record of the current code is finished"
+        assert is_done(rec, cell), "a record of the current code is finished"
         del rec["config"]["defense_pool"]
-        assert _is_done(rec, cell) == (cell.job.attack.name == "badnets")
+        assert is_done(rec, cell) == (cell.job.attack.name == "badnets")
 
 
 class _Constant(torch.nn.Module):
@@ -347,15 +350,15 @@ def test_the_oracle_sweep_never_feeds_back_into_the_record(tmp_path):
     from bench.metrics import evaluate
 
     trained = {**TINY, "synthetic": {"n_train": "600", "n_test": "100"}, "train": {"epochs": "6", "batch_size": "64"}}
-    (none,) = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=trained).resolve()
+    (none,) = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=trained).plan().defense_cells
     cell = dataclasses.replace(none, defense=Sweeper())
     (rec,) = run_grid([cell], tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
     curve = rec["info"]["oracle_curve"]
     assert [p["threshold"] for p in curve] == [0.0, 0.5] and curve[1]["ca"] > curve[0]["ca"] + 0.3
     _, test_set = cell.job.dataset.load()
-    from bench.grid import load_backdoored
+    from bench.run.cells import load_model
 
-    triggered = load_backdoored(cell.job, "cpu")[3]
+    triggered = load_model(cell.job, "cpu")[3]
     assert rec["metrics"] == evaluate(_Constant(5), test_set, triggered, bf16=cell.job.train.bf16)
     assert rec["metrics"]["ca"] < 0.2 and rec["info"]["threshold"] == 0.0
 
@@ -371,7 +374,7 @@ def test_the_oracle_sweep_never_feeds_back_into_the_record(tmp_path):
 def test_a_changed_setting_recomputes_exactly_what_it_touches(tmp_path, monkeypatch, change, retrained, recomputed):
     """Rerun a finished grid with one setting changed: the models and cells it determines are redone, nothing else.
     ("pool": the badnets cells' records say they were made with another defense-data pool.)"""
-    import bench.grid as grid
+    import bench.run.cells as grid
 
     trained: list[str] = []
     real_train = grid.train
@@ -380,7 +383,7 @@ def test_a_changed_setting_recomputes_exactly_what_it_touches(tmp_path, monkeypa
 
     def cells(overrides):
         base = GridSpec(attacks=["badnets", "blend"], defenses=["none"], preset="demo",
-                        overrides={k: v for k, v in overrides.items() if k != "counting"}).resolve()
+                        overrides={k: v for k, v in overrides.items() if k != "counting"}).plan().defense_cells
         extra = overrides.get("counting", {}).get("extra")
         counting = Counting2(extra=int(extra)) if extra else Counting2()
         return [dataclasses.replace(c, defense=d) for c in base for d in (c.defense, counting)]

@@ -23,7 +23,7 @@ import defenses.nc
 from attacks import ATTACKS
 from bench.config import build
 from bench.data import Augmentation, ImageSet
-from bench.grid import GridSpec
+from bench.run.plan import GridSpec
 from bench.metrics import evaluate
 from bench.models import MODELS
 from bench.registry import BenchError
@@ -210,7 +210,7 @@ def test_bad_settings_fail_at_config_build():
     with pytest.raises(BenchError):
         build(NeuralCleanse, {"epochs": "0"})
     with pytest.raises(BenchError):
-        GridSpec(attacks=["badnets"], defenses=["nc"], overrides={"nc": {"epochs": "0"}}).resolve()
+        GridSpec(attacks=["badnets"], defenses=["nc"], overrides={"nc": {"epochs": "0"}}).plan().defense_cells
     for kw in [dict(batches_per_epoch=-1), dict(batch_size=0), dict(success_threshold=1.5), dict(unlearn_ratio=-0.1),
                dict(cost_multiplier=0.5), dict(unlearn_epochs=-1)]:
         with pytest.raises(BenchError):

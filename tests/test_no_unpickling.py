@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from bench.cli import main
-from bench.grid import GridSpec, model_dir, run_grid
+from bench.run.plan import GridSpec, model_dir
+from bench.run.execute import run_grid
 
 TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
         "run": {"defense_data": "40"}}
@@ -77,7 +78,7 @@ def test_the_guard_catches_an_unpickling(unpickling_forbidden, tmp_path):
 def test_a_grid_its_resume_and_its_report_never_unpickle(unpickling_forbidden, tmp_path):
     cells = GridSpec(attacks=["badnets", "blend"], defenses=["none", "nc"], preset="demo", detectors=["strip"],
                      overrides={**TINY, "nc": {"epochs": "2", "batches_per_epoch": "1", "unlearn_epochs": "1"},
-                                "strip": {"n_overlays": "2"}}).resolve_all()
+                                "strip": {"n_overlays": "2"}}).plan()
     out = tmp_path / "run"
     recs = run_grid(cells[0], out, preset="demo", progress=False, log=lambda m: None, detect=cells[1])
     assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]

@@ -42,11 +42,12 @@ def test_badnets_implants_on_gtsrb_and_rnp_clearly_lowers_the_asr(data_dir, tmp_
     ResNet-18 width 8 (3 epochs, all of GTSRB: CA 94.0 / ASR 100) threshold 0.2 left ASR at
     73 %, the ASR falling only gradually with the threshold (9.8 % at 0.4, CA 89.4 %).
     """
-    from bench.grid import GridSpec, run_grid
+    from bench.run.plan import GridSpec
+    from bench.run.execute import run_grid
 
     overrides = {"run": {"sweep": "false"}}  # the oracle curve is for plots; skip its 19 evaluations
     cells = GridSpec(attacks=["badnets"], defenses=["none", "rnp"], preset="quick", overrides=overrides,
-                     data_dir=str(data_dir)).resolve()
+                     data_dir=str(data_dir)).plan().defense_cells
     recs = run_grid(cells, tmp_path / "run", preset="quick", progress=False, log=print)
     by = {r["defense"]: r for r in recs}
     assert all(r["status"] == "ok" for r in recs), [r["error"] for r in recs]

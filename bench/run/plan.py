@@ -1,0 +1,232 @@
+"""Planning a run: what to train and what to run on each model, as validated, hashable items and a task graph.
+
+Nothing here trains, evaluates or writes. ``GridSpec.plan()`` turns names and ``--set``
+overrides into a ``Plan``: its ``defense_cells`` (dataset, model, attack, defense, seed) and
+``detect_cells`` (the same with a detector), every component built and checked before any work.
+``graph`` turns the cells still to do into ``Task`` nodes with their dependencies:
+
+    clean reference model  ->  models of the attacks that need it (LC, Adaptive-Blend, ...)
+    model                  ->  each of its defense cells and detection cells
+
+so that an executor (``bench.run.execute``) starts a cell as soon as its own model is ready,
+with no stage barrier. A ``TrainJob`` is keyed by everything that determines its model
+(``TrainJob.key``: code version, decoded images' digest, dataset, model, attack, recipe, seed),
+which names its folder in the model cache (``model_dir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import attacks as _attacks  # noqa: F401  (registers the built-in attacks)
+import defenses as _defenses  # noqa: F401  (registers the built-in defenses)
+import detectors as _detectors  # noqa: F401  (registers the built-in detectors)
+from attacks.base import ATTACKS, Attack
+from bench.config import Config, build, param
+from bench.data import DATASETS, Dataset, cache_dir
+from bench.models import MODELS, ModelSpec
+from bench.presets import PRESETS, Preset
+from bench.registry import BenchError
+from bench.store import content_hash
+from bench.train import TrainConfig
+from defenses.base import DEFENSES, Defense
+from detectors.base import DETECTORS, Detector
+
+CODE_VERSION = "1"  # bump when a change alters trained models, so cached ones are not reused
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """Grid-wide settings; ``--set run.field=value``."""
+
+    name = "run"
+
+    defense_data: float = param(0.01, low=0.0, doc="clean defense data: a fraction of the training set if < 1, else a count")
+    sweep: bool = param(True, doc="evaluate a defense's whole operating curve on the test sets (oracle view, plots only)")
+    # The sweep costs one evaluation per point (19 for RNP): on all of GTSRB's test sets
+    # (12,630 clean + ~12,000 triggered) that was ~23 min on this 2-core CPU, 3x the training.
+    sweep_images: int = param(2000, low=0, doc="images of each test set (clean, triggered) the sweep uses; 0: all")
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One model to train (or find in the cache): backdoored by ``attack``, or clean for the ``clean`` attack."""
+
+    dataset: Dataset
+    model: ModelSpec
+    attack: Attack
+    train: TrainConfig
+    seed: int
+    data_dir: str | None = field(default=None, compare=False)  # the data root (None: $BENCH_DATA_DIR, else the cache's)
+
+    @property
+    def data(self) -> dict:
+        """Where the job's images come from and their digest (``Dataset.provenance``; loads the dataset once)."""
+        return self.dataset.provenance(self.data_dir)
+
+    @property
+    def key(self) -> str:
+        """The model cache key: everything that determines the model, the decoded images' digest included
+        (another copy of the data, or a changed file, trains anew); not the CPU thread count."""
+        return content_hash({
+            "code": CODE_VERSION,
+            "data": self.data["digest"],
+            "dataset": [self.dataset.name, self.dataset.to_dict()],
+            "model": [self.model.name, self.model.to_dict()],
+            "attack": [self.attack.name, self.attack.to_dict(), getattr(type(self.attack), "version", 1)],
+            "train": self.train.to_dict(),
+            "seed": self.seed,
+        })
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset.name}/{self.model.name}/{self.attack.name}/s{self.seed}"
+
+
+@dataclass(frozen=True)
+class DefenseCell:
+    """A removal cell: one defense applied to one job's model."""
+
+    job: TrainJob
+    defense: Defense
+    run: RunConfig
+
+    @property
+    def id(self) -> str:
+        j = self.job
+        return f"{j.dataset.name}-{j.model.name}-{j.attack.name}-{self.defense.name}-s{j.seed}"
+
+
+@dataclass(frozen=True)
+class DetectCell:
+    """A detection cell: one detector run on one job's model (scored by ``bench.detect``)."""
+
+    job: TrainJob
+    detector: Detector
+    run: RunConfig
+
+    @property
+    def id(self) -> str:
+        j = self.job
+        return f"{j.dataset.name}-{j.model.name}-{j.attack.name}-{self.detector.name}-s{j.seed}"
+
+
+class Plan(NamedTuple):
+    """A grid's cells: removal (``defense_cells``) and detection (``detect_cells``, empty without ``--detect``)."""
+
+    defense_cells: list[DefenseCell]
+    detect_cells: list[DetectCell]
+
+
+@dataclass
+class GridSpec:
+    """What to run, by name; ``plan()`` turns names and overrides into validated cells."""
+
+    attacks: list[str]
+    defenses: list[str]
+    datasets: list[str] | None = None
+    models: list[str] | None = None
+    preset: str = "demo"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+    detectors: list[str] = field(default_factory=list)  # the detection track (--detect); empty: none
+    data_dir: str | None = None  # --data-dir (None: $BENCH_DATA_DIR, else the cache's data folder)
+
+    def plan(self) -> Plan:
+        """The removal cells and the detection cells (one per model and detector), all validated."""
+        if self.preset not in PRESETS:
+            raise BenchError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        p: Preset = PRESETS[self.preset]
+        known = {"train", "run", *DATASETS.names(), *MODELS.names(), *ATTACKS.names(), *DEFENSES.names(), *DETECTORS.names()}
+        for comp in self.overrides:
+            if comp not in known:
+                raise BenchError(f"--set names unknown component {comp!r}; known: {', '.join(sorted(known))}")
+        ov = lambda name: self.overrides.get(name, {})  # noqa: E731
+        fields = lambda name: {**p.fields.get(name, {})}  # noqa: E731
+
+        def make(registry, name):
+            cls = registry.get(name)
+            base = getattr(cls, "settings_from", None)  # a detector that takes a defense's settings first
+            if base:
+                return build(cls, {**ov(base), **ov(name)}, **fields(base), **fields(name))
+            return build(cls, ov(name), **fields(name))
+
+        # Every component is built once here, so a bad name or value fails before any work.
+        for name in self.overrides:
+            for reg in (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS):
+                if name in reg:
+                    make(reg, name)
+        tcfg = build(TrainConfig, ov("train"), **dataclasses.asdict(p.train))
+        run = build(RunConfig, ov("run"), **{"defense_data": p.defense_data, **fields("run")})
+        datasets = [make(DATASETS, d) for d in (self.datasets or [p.dataset])]
+        models = [make(MODELS, m) for m in (self.models or [p.model])]
+        atks = [make(ATTACKS, a) for a in self.attacks]
+        defs = [make(DEFENSES, d) for d in self.defenses]
+        dets = [make(DETECTORS, d) for d in self.detectors]
+        for ds in datasets:
+            for a in atks:
+                if getattr(a, "target", 0) >= ds.num_classes:
+                    raise BenchError(f"{a.name}.target={a.target} is out of range for {ds.name}; allowed: [0, {ds.num_classes - 1}]")
+        for ds in datasets:  # settings that name parts of a model (NAD's layers) are checked on a built one
+            for m in models:
+                net = m.build(ds.num_classes, ds.channels, ds.mean, ds.std)
+                for d in [*defs, *dets]:
+                    d.check(net)
+        if not self.seeds:
+            raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
+        jobs = [TrainJob(ds, m, a, tcfg, s, self.data_dir) for ds in datasets for m in models for a in atks for s in self.seeds]
+        return Plan([DefenseCell(j, d, run) for j in jobs for d in defs], [DetectCell(j, d, run) for j in jobs for d in dets])
+
+
+def model_dir(job: TrainJob) -> Path:
+    """The job's folder in the model cache (``cache_dir()/models``), named by its key."""
+    return cache_dir() / "models" / f"{job.dataset.name}-{job.model.name}-{job.attack.name}-s{job.seed}-{job.key}"
+
+
+def reference_job(job: TrainJob) -> TrainJob:
+    """The clean model's job for ``job``: the same dataset, model, recipe and seed, the ``clean`` attack.
+
+    ``clean`` has no field that changes the model, so this is also the key of the grid's own
+    ``clean`` row: the reference and the row are one cache entry.
+    """
+    return dataclasses.replace(job, attack=ATTACKS.get("clean")())
+
+
+# ---------------------------------------------------------------- the task graph
+
+
+@dataclass(frozen=True)
+class Task:
+    """A node of the run's graph. ``kind`` is "train" (``item`` a TrainJob), "defend" (a DefenseCell) or
+    "detect" (a DetectCell); ``deps`` are the keys of the tasks whose results it takes, in order."""
+
+    key: str
+    kind: str
+    item: TrainJob | DefenseCell | DetectCell
+    deps: tuple[str, ...] = ()
+
+
+def train_key(job: TrainJob) -> str:
+    return f"train-{job.key}"
+
+
+def graph(defense_cells: list[DefenseCell], detect_cells: list[DetectCell]) -> list[Task]:
+    """The tasks for these cells, each after its dependencies: every model their cells need (and the clean
+    reference an attack needs, once), then the cells. A model is one task however many cells use it."""
+    train: dict[str, Task] = {}
+
+    def add_job(job: TrainJob) -> str:
+        key = train_key(job)
+        if key not in train:
+            deps = ()
+            if job.attack.needs_clean_model:
+                deps = (add_job(reference_job(job)),)
+            train[key] = Task(key, "train", job, deps)
+        return key
+
+    cells = [Task(f"defend-{c.id}", "defend", c, (add_job(c.job),)) for c in defense_cells]
+    cells += [Task(f"detect-{c.id}", "detect", c, (add_job(c.job),)) for c in detect_cells]
+    return [*train.values(), *cells]
