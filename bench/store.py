@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -93,19 +94,39 @@ FAULT_EXIT = 86  # the exit status of a process stopped by fault_point
 _FAULTS: dict[str, int] = {}
 
 
-def fault_point(event: str) -> None:
-    """A named point where a test may kill the process: with ``BENCH_FAULT=after:<event>`` (or
-    ``after:<event>:<n>``, the n-th time) the process ends at once, ``os._exit(FAULT_EXIT)``, as a
-    SIGKILL would end it, right after ``event`` (``model_cached``, ``cell_written``,
-    ``records_written``, ``tensors_written``). Without the variable it does nothing."""
+def fault_point(event: str, tag: str = "") -> None:
+    """A named point where a test may kill the process. ``BENCH_FAULT=<mode>:<event>[:<n>][@<text>]``:
+
+    - ``after``: the process ends at once, ``os._exit(FAULT_EXIT)``, as a SIGKILL would end it;
+      ``kill``: it sends itself SIGKILL (a Dask worker killed while it works);
+    - ``event``: ``model_cached``, ``cell_written``, ``records_written``, ``tensors_written``
+      (right after them) or ``train_started`` (a model's training is about to start);
+    - ``n``: the n-th such event in this process (default the first); ``@text``: count only events
+      whose ``tag`` contains ``text`` (``train_started`` is tagged with the job, e.g.
+      ``synthetic/smallcnn/blend/s0``).
+
+    ``BENCH_FAULT_ONCE=<file>`` makes the fault fire once across processes: only the process that
+    creates that file first (``O_EXCL``). Without ``BENCH_FAULT`` it does nothing."""
     want = os.environ.get("BENCH_FAULT")
     if not want:
         return
-    _FAULTS[event] = _FAULTS.get(event, 0) + 1
+    want, _, text = want.partition("@")
     kind, _, rest = want.partition(":")
     name, _, nth = rest.partition(":")
-    if kind == "after" and name == event and _FAULTS[event] == int(nth or 1):
-        os._exit(FAULT_EXIT)
+    if name != event or text not in tag:
+        return
+    _FAULTS[event] = _FAULTS.get(event, 0) + 1
+    if kind not in ("after", "kill") or _FAULTS[event] != int(nth or 1):
+        return
+    once = os.environ.get("BENCH_FAULT_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(FAULT_EXIT)
 
 
 def content_hash(obj: Any, length: int = 16) -> str:

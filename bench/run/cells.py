@@ -64,6 +64,7 @@ def train_model(job: TrainJob, device: str, progress: bool = False) -> dict:
     del reference
     poisoned = attack.poison(train_set, job.seed)
     model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
+    fault_point("train_started", job.label)
     stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
                   extensions=[e for e in [attack.train_extension()] if e is not None], progress=progress, desc=job.label)
     t0 = time.perf_counter()

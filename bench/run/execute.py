@@ -192,9 +192,9 @@ class LocalProcesses(Executor):
 
     name = "local processes"
 
-    def __init__(self, jobs: int, device: str = "cpu") -> None:
+    def __init__(self, jobs: int, device: str = "cpu", threads: int | None = None) -> None:
         self.jobs = jobs
-        self.threads = max(1, cpu_cores() // jobs) if device != "cuda" else None
+        self.threads = threads or (max(1, cpu_cores() // jobs) if device != "cuda" else None)
         # On CUDA, one GPU per worker: each claims a slot on its first task (auto_jobs gives one worker per GPU).
         self.gpus = (torch.cuda.device_count(), str(cache_dir() / "gpu-slots")) if device == "cuda" else None
 
@@ -253,7 +253,7 @@ class DaskCluster(Executor):
     name = "dask"
 
     def __init__(self, address: str | None = None, scheduler_file: str | None = None, *, device: str = "cpu",
-                 cache: str = "auto", timeout: float = 10.0) -> None:
+                 cache: str = "auto", timeout: float = 10.0, threads: int | None = None) -> None:
         try:
             import distributed
         except ImportError:
@@ -285,7 +285,7 @@ class DaskCluster(Executor):
         slots: dict[str, int] = collections.Counter()
         for w in info.values():
             slots[w["host"]] += w["nthreads"]
-        self.threads = max(1, min(cores[a] // slots[w["host"]] for a, w in info.items()))
+        self.threads = threads or max(1, min(cores[a] // slots[w["host"]] for a, w in info.items()))
         self.ship = self._ship(cache)
         services = self.client.scheduler_info(**({"n_workers": 0} if _takes_n_workers(self.client) else {})).get("services", {})
         self.dashboard = self.client.dashboard_link if "dashboard" in services else None
