@@ -98,7 +98,7 @@ from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdo
 # Stage 1 results of this process, newest last, keyed by RNP._unlearn_key: the defense and RNP's
 # detectors (rnp_label, rnp_samples, rnp_trigger) on one model share one unlearning.
 _UNLEARNED: dict[str, tuple[nn.Module, dict, torch.Tensor]] = {}
-_UNLEARNED_KEEP = 16  # a grid runs all removal cells, then all detection cells: keep one per model of `--attack all`
+_UNLEARNED_KEEP = 16  # a process runs a model's cells one after another (bench.run.execute); 16 leaves room
 _STAGE1_FIELDS = ("clean_threshold", "unlearn_lr", "unlearn_epochs", "unlearn_milestones", "momentum",
                   "weight_decay", "stop_check", "batch_size", "select", "holdout")
 
@@ -305,8 +305,9 @@ class RNP(Defense):
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         stage1 = {f: getattr(self, f) for f in _STAGE1_FIELDS}
         # The class's own unlearn (a subclass may change it) and everything it reads besides the model and data.
+        # CPU results also depend on the thread count (reductions split differently): part of the key.
         h.update(repr((type(self).unlearn.__qualname__, type(self).epoch.__qualname__, stage1, ctx.seed,
-                       str(ctx.device), ctx.bf16, ctx.num_classes, ctx.augmentation)).encode())
+                       str(ctx.device), ctx.bf16, ctx.num_classes, ctx.augmentation, torch.get_num_threads())).encode())
         return h.hexdigest()
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:

@@ -264,7 +264,7 @@ def test_the_rnp_defense_reports_the_same_unlearned_label(models, clean_data):
 def test_stage1_is_shared_within_a_process_and_equals_a_fresh_one(models, clean_data, monkeypatch):
     """RNP.unlearned remembers its last results: the same model, data, seed and unlearning fields give
     the very model, facts and generator position a fresh unlearning gives, without unlearning again;
-    anything stage 1 depends on (a weight, the seed, an unlearning field) unlearns anew, and a field of
+    anything stage 1 depends on (a weight, the seed, an unlearning field, the thread count) unlearns anew, and a field of
     the later stages (recover_lr) does not."""
     from defenses import rnp as rnp_mod
     from defenses.rnp import RNP
@@ -294,6 +294,13 @@ def test_stage1_is_shared_within_a_process_and_equals_a_fresh_one(models, clean_
         head(model).bias[0] += 1.0
     a.unlearned(model, clean_data, ctx())
     assert len(calls) == 5
+    threads = torch.get_num_threads()  # CPU results depend on the thread count: another count unlearns anew
+    torch.set_num_threads(threads + 1)
+    try:
+        a.unlearned(model, clean_data, ctx())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 6
 
 
 def test_trigger_scores_measure_a_recovered_trigger_against_the_true_patch(models):
