@@ -395,6 +395,14 @@ class Progress:
         self.bar.set_postfix_str(f"models {self.done[True]}/{self.total[True]}, cells {self.done[False]}/{self.total[False]}, "
                                  f"failed {self.failed}", refresh=False)
 
+    def say(self, log: Callable[[str], None], message: str) -> None:
+        """A log line above the bar, not through it."""
+        if self.bar is None:
+            log(message)
+            return
+        with self.bar.external_write_mode():
+            log(message)
+
     def update(self, task: Task, ok: bool) -> None:
         self.done[task.kind == "train"] += 1
         self.failed += not ok
@@ -457,7 +465,7 @@ def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, pro
     rd.write_records(order)
     try:
         for task, result in executor.run(tasks, s):
-            ok = _handle(rd, task, result, wanted, preset, log)
+            ok = _handle(rd, task, result, wanted, preset, lambda m: bar.say(log, m))
             bar.update(task, ok)
             rd.write_records(order, every=RECORDS_EVERY)
     finally:
