@@ -115,8 +115,9 @@ def fault_point(event: str, tag: str = "") -> None:
     name, _, nth = rest.partition(":")
     if name != event or text not in tag:
         return
-    _FAULTS[event] = _FAULTS.get(event, 0) + 1
-    if kind not in ("after", "kill") or _FAULTS[event] != int(nth or 1):
+    key = f"{os.environ['BENCH_FAULT']} {event}"  # counted per setting: a reused worker starts afresh for a new one
+    _FAULTS[key] = _FAULTS.get(key, 0) + 1
+    if kind not in ("after", "kill") or _FAULTS[key] != int(nth or 1):
         return
     once = os.environ.get("BENCH_FAULT_ONCE")
     if once:

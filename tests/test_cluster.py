@@ -69,18 +69,15 @@ class Cluster:
             p.wait(timeout=30)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    made: list[Cluster] = []
-
-    def start(worker_env=({}, {})) -> Cluster:
-        c = Cluster(tmp_path, list(worker_env))
-        made.append(c)
-        return c
-
-    yield start
-    for c in made:
-        c.close()
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One cluster for the module: two workers, each with its own model cache (``w0``, ``w1``); a grid that
+    shares the driver's cache points them at it per task, a shipping grid leaves them their own."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    c = Cluster(tmp, [{"BENCH_CACHE_DIR": str(tmp / "w0")}, {"BENCH_CACHE_DIR": str(tmp / "w1")}])
+    c.tmp = tmp
+    yield c
+    c.close()
 
 
 def _cells(attacks=("badnets", "blend"), defenses=("none", "ft"), detectors=("strip",)):
@@ -107,7 +104,7 @@ def _all_records(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_in_process_local_processes_and_a_dask_cluster_give_identical_records(tmp_path, cluster, monkeypatch):
     cells, det = _cells()
-    c = cluster()
+    c = cluster
     outs = {}
     for name, make in [("inproc", lambda: InProcess(threads=1)), ("local", lambda: LocalProcesses(2, threads=1)),
                        ("dask", lambda: DaskCluster(c.address, threads=1))]:
@@ -133,13 +130,13 @@ GRID = ["--attack", "badnets,blend", "--defense", "none,ft", "--preset", "demo",
 
 @pytest.mark.slow
 def test_a_worker_killed_while_it_trains_loses_nothing(tmp_path, cluster):
-    """One worker SIGKILLs itself as it starts a training (once, whichever worker gets there first); Dask
-    reruns the task elsewhere: the grid completes, every cell once, metrics equal to an undisturbed run."""
+    """One worker SIGKILLs itself as it starts a training (once, whichever worker gets there first; the
+    driver's BENCH_FAULT reaches the workers); Dask reruns the task elsewhere: the grid completes, every
+    cell once, metrics equal to an undisturbed run."""
     once = tmp_path / "killed-once"
-    kill = {"BENCH_FAULT": "kill:train_started", "BENCH_FAULT_ONCE": str(once)}
-    c = cluster([kill, kill])
+    c = cluster
     res = _run([*GRID, "--scheduler", c.address, "--out", str(tmp_path / "run")],
-               env={"BENCH_CACHE_DIR": str(tmp_path / "cache")})
+               env={"BENCH_CACHE_DIR": str(tmp_path / "cache"), "BENCH_FAULT": "kill:train_started", "BENCH_FAULT_ONCE": str(once)})
     assert res.returncode == 0, res.stderr[-3000:]
     assert once.exists(), "a worker was killed"
     quiet = _run([*GRID, "--jobs", "2", "--out", str(tmp_path / "ref")], env={"BENCH_CACHE_DIR": str(tmp_path / "cache-ref")})
@@ -154,7 +151,7 @@ def test_a_worker_killed_while_it_trains_loses_nothing(tmp_path, cluster):
 def test_the_driver_killed_mid_grid_resumes_on_the_same_cluster(tmp_path, cluster):
     from bench.store import FAULT_EXIT
 
-    c = cluster()
+    c = cluster
     args = [*GRID, "--scheduler-file", str(c.file), "--out", str(tmp_path / "run")]
     env = {"BENCH_CACHE_DIR": str(tmp_path / "cache")}
     killed = _run(args, env={**env, "BENCH_FAULT": "after:cell_written:2"})
@@ -175,7 +172,7 @@ def test_the_driver_killed_mid_grid_resumes_on_the_same_cluster(tmp_path, cluste
 
 @pytest.mark.slow
 def test_workers_with_their_own_caches_get_the_models_shipped(tmp_path, cluster):
-    c = cluster([{"BENCH_CACHE_DIR": str(tmp_path / "w0")}, {"BENCH_CACHE_DIR": str(tmp_path / "w1")}])
+    c = cluster
     driver_cache = tmp_path / "driver"
     res = _run(["--attack", "badnets,lc", "--defense", "none,ft", "--preset", "demo", "--quiet", *SETS,
                 "--scheduler", c.address, "--cache", "ship", "--out", str(tmp_path / "run")], env={"BENCH_CACHE_DIR": str(driver_cache)})
@@ -183,7 +180,7 @@ def test_workers_with_their_own_caches_get_the_models_shipped(tmp_path, cluster)
     assert "models shipped as bytes" in res.stdout
     held = sorted(p.name.split("-")[2] for p in (driver_cache / "models").iterdir() if (p / "meta.json").exists())
     assert held == ["badnets", "clean", "lc"], "the driver's cache holds every model, LC's clean reference included"
-    trained_by_workers = {p.name for w in ("w0", "w1") for p in (tmp_path / w / "models").glob("*")}
+    trained_by_workers = {p.name for w in ("w0", "w1") for p in (c.tmp / w / "models").glob("*")}
     assert {p.name for p in (driver_cache / "models").iterdir()} <= trained_by_workers
     recs = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and all(r["status"] == "ok" for r in recs)
@@ -191,10 +188,9 @@ def test_workers_with_their_own_caches_get_the_models_shipped(tmp_path, cluster)
 
 @pytest.mark.slow
 def test_a_task_whose_worker_dies_every_time_fails_alone_with_the_reason(tmp_path, cluster):
-    kill = {"BENCH_FAULT": "kill:train_started@/blend/"}  # every try at training blend kills its worker
-    c = cluster([kill, kill])
-    res = _run([*GRID, "--scheduler", c.address, "--out", str(tmp_path / "run")], env={"BENCH_CACHE_DIR": str(tmp_path / "cache")},
-               timeout=600)
+    c = cluster  # every try at training blend kills its worker (BENCH_FAULT reaches the workers)
+    res = _run([*GRID, "--scheduler", c.address, "--out", str(tmp_path / "run")],
+               env={"BENCH_CACHE_DIR": str(tmp_path / "cache"), "BENCH_FAULT": "kill:train_started@/blend/"}, timeout=600)
     assert res.returncode == 1, res.stderr[-3000:]
     recs = {r["defense"] + "/" + r["attack"]: r for r in
             (json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines())}
@@ -229,7 +225,7 @@ def test_bad_cluster_input_fails_on_one_line_before_any_work(tmp_path, args, mes
 
 @pytest.mark.slow
 def test_cuda_without_a_gpu_worker_is_refused_before_any_work(tmp_path, cluster):
-    c = cluster([{}])
+    c = cluster
     res = _run([*GRID, "--scheduler", c.address, "--device", "cuda", "--out", str(tmp_path / "run")],
                env={"BENCH_CACHE_DIR": str(tmp_path / "cache")}, timeout=120)
     assert res.returncode == 2 and res.stderr.strip() == (

@@ -39,6 +39,7 @@ from bench.run.rundir import RECORDS_EVERY, RunDir, is_done
 from bench.store import load_tensors, save_tensors
 
 WORKER_ENV = ("BENCH_CACHE_DIR", "BENCH_DATA_DIR")  # the driver's folders, which local workers must use
+FAULT_ENV = ("BENCH_FAULT", "BENCH_FAULT_ONCE")  # fault injection (bench.store.fault_point) reaches the workers too
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def auto_jobs(device: str) -> int:
 
 # ---------------------------------------------------------------- what runs in a worker
 
-_OWN_ENV: dict[str, str | None] = {}  # this worker's own BENCH_CACHE_DIR / BENCH_DATA_DIR, before any task set them
+_OWN_ENV: dict[str, str | None] = {}  # this worker's own folders (and fault settings), before any task set them
 _GPU_SLOT: list = []  # (the open lock file, the GPU index) this worker process holds for its lifetime
 
 
@@ -95,8 +96,8 @@ def in_worker(fn: Callable, threads: int | None, env: dict[str, str | None], gpu
     and a folder ``env`` does not name is the worker's own (as it started), not the last grid's.
     """
     if not _OWN_ENV:
-        _OWN_ENV.update({k: os.environ.get(k) for k in WORKER_ENV})
-    for k in WORKER_ENV:
+        _OWN_ENV.update({k: os.environ.get(k) for k in (*WORKER_ENV, *FAULT_ENV)})
+    for k in (*WORKER_ENV, *FAULT_ENV):
         v = env.get(k, _OWN_ENV[k])
         if v is None:
             os.environ.pop(k, None)
@@ -207,7 +208,7 @@ class LocalProcesses(Executor):
         from joblib.externals.loky import get_reusable_executor
 
         pool = get_reusable_executor(max_workers=self.jobs, timeout=300)
-        env = {k: os.environ.get(k) for k in WORKER_ENV}
+        env = {k: os.environ.get(k) for k in (*WORKER_ENV, *FAULT_ENV)}
         children = _children(tasks)
         waiting = {t.key: len(t.deps) for t in tasks}
         results: dict[str, Any] = {}
@@ -318,8 +319,9 @@ class DaskCluster(Executor):
 
         # Shared cache: the workers use the driver's folders. Shipping: their own cache, the driver's data setting.
         env = {"BENCH_CACHE_DIR": str(cache_dir().resolve())} if not self.ship else {}
-        if os.environ.get("BENCH_DATA_DIR"):
-            env["BENCH_DATA_DIR"] = os.environ["BENCH_DATA_DIR"]
+        for k in ("BENCH_DATA_DIR", *FAULT_ENV):
+            if os.environ.get(k):
+                env[k] = os.environ[k]
         token = secrets.token_hex(4)  # a rerun's keys never meet a dead driver's on the same scheduler
         futures: dict[str, Any] = {}
         by_future: dict[str, Task] = {}
