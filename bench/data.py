@@ -92,7 +92,7 @@ def augment(x: torch.Tensor, aug: Augmentation, gen: torch.Generator) -> torch.T
     return x
 
 
-DATASETS: Registry[type["Dataset"]] = Registry("dataset")
+DATASETS: Registry[type["Dataset"]] = Registry("dataset", entry_point_group="bdbench.datasets")
 _LOADED: dict[tuple, "Loaded"] = {}  # Dataset.load's per-process memo
 
 

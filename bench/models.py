@@ -16,7 +16,7 @@ from torch import nn
 from bench.config import Config, param
 from bench.registry import Registry
 
-MODELS: Registry[type["ModelSpec"]] = Registry("model")
+MODELS: Registry[type["ModelSpec"]] = Registry("model", entry_point_group="bdbench.models")
 
 
 class Classifier(nn.Module):

@@ -30,6 +30,7 @@ import statistics
 from pathlib import Path
 
 from bench.detect import auroc, roc_points
+from bench.registry import slug
 from bench.store import atomic_write_text
 
 DETECTION_FILES = ("detection.md", "detection.csv", "detection.tex", "roc.png", "triggers.png")
@@ -307,7 +308,7 @@ def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
     rows = []
     for d in dets:
         f = (d.get("info") or {}).get("tensors_file")
-        ex = run_dir / "examples" / f"{d['dataset']}-{d['attack']}.safetensors"
+        ex = run_dir / "examples" / f"{slug(d['dataset'])}-{d['attack']}.safetensors"
         if d["status"] != "ok" or not d["truth"]["backdoored"] or not f or not (run_dir / f).exists() or not ex.exists():
             continue
         t = load_tensors(run_dir / f)

@@ -26,6 +26,37 @@ def test_registry_refuses_duplicates_and_lists_names_on_a_miss():
         reg.get("alpah")
 
 
+def test_a_family_resolves_its_members_on_first_use():
+    reg = Registry("thing")
+    reg.register("alpha")(type("A", (), {}))
+    made = []
+
+    def make(rest):
+        if rest == "bad":
+            raise BenchError(f"no such thing {rest!r}")
+        made.append(rest)
+        return type(f"T_{rest}", (), {})
+
+    reg.register_family("fam", make, "x1: a thing")
+    a = reg.get("fam:x1")
+    assert a.name == "fam:x1" and reg.get("fam:x1") is a and made == ["x1"], "built once, remembered"
+    assert "fam:x2" in reg and "fam:bad" not in reg and "other:x1" not in reg
+    with pytest.raises(BenchError, match="no such thing 'bad'"):
+        reg.get("fam:bad")
+    with pytest.raises(BenchError, match=r"known: alpha, fam:x1, fam:x2, fam:NAME"):
+        reg.get("nosuch")
+    with pytest.raises(BenchError, match="names no member of 'fam'"):
+        reg.get("fam:")
+
+
+def test_a_name_becomes_a_file_name_without_separators():
+    from bench.registry import slug
+
+    assert slug("torchvision:resnet18") == "torchvision:resnet18"
+    assert slug("folder:~/data/my signs") == "folder:~_data_my_signs"
+    assert "/" not in slug("folder:/a/b/../c") and slug("") == "_"
+
+
 def test_broken_plugin_is_reported_not_fatal(monkeypatch):
     from importlib import metadata
 

@@ -32,7 +32,7 @@ import torch
 
 from bench.data import cache_dir
 from bench.detect import NOT_APPLICABLE
-from bench.registry import BenchError
+from bench.registry import BenchError, slug
 from bench.run.cells import defend_task, detect_task, failed_record, train_task
 from bench.run.plan import DefenseCell, DetectCell, Task, TrainJob, graph, model_dir, train_key
 from bench.run.rundir import RECORDS_EVERY, RunDir, is_done
@@ -493,7 +493,7 @@ def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, 
         meta = result["meta"]
         m = meta["metrics"]
         log(f"{what} {job.label}: CA {_pct(m['ca'])}  ASR {_pct(m['asr'])}  ({meta['train']['seconds']:.0f} s)")
-        example = rd.path / "examples" / f"{job.dataset.name}-{job.attack.name}.safetensors"
+        example = rd.path / "examples" / f"{slug(job.dataset.name)}-{job.attack.name}.safetensors"
         if task.key in wanted and not example.exists():
             save_tensors(example, load_tensors(model_dir(job) / "example.safetensors"))
         return True

@@ -29,13 +29,14 @@ from bench.config import Config, build, param
 from bench.data import DATASETS, Dataset, cache_dir
 from bench.models import MODELS, ModelSpec
 from bench.presets import PRESETS, Preset
-from bench.registry import BenchError
+from bench.registry import BenchError, slug
 from bench.store import content_hash
 from bench.train import TrainConfig
 from defenses.base import DEFENSES, Defense
 from detectors.base import DETECTORS, Detector
 
 CODE_VERSION = "1"  # bump when a change alters trained models, so cached ones are not reused
+
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class TrainJob:
 
     @property
     def label(self) -> str:
-        return f"{self.dataset.name}/{self.model.name}/{self.attack.name}/s{self.seed}"
+        return f"{slug(self.dataset.name)}/{slug(self.model.name)}/{self.attack.name}/s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class DefenseCell:
     @property
     def id(self) -> str:
         j = self.job
-        return f"{j.dataset.name}-{j.model.name}-{j.attack.name}-{self.defense.name}-s{j.seed}"
+        return f"{slug(j.dataset.name)}-{slug(j.model.name)}-{j.attack.name}-{slug(self.defense.name)}-s{j.seed}"
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class DetectCell:
     @property
     def id(self) -> str:
         j = self.job
-        return f"{j.dataset.name}-{j.model.name}-{j.attack.name}-{self.detector.name}-s{j.seed}"
+        return f"{slug(j.dataset.name)}-{slug(j.model.name)}-{j.attack.name}-{slug(self.detector.name)}-s{j.seed}"
 
 
 class Plan(NamedTuple):
@@ -183,7 +184,7 @@ class GridSpec:
 
 def model_dir(job: TrainJob) -> Path:
     """The job's folder in the model cache (``cache_dir()/models``), named by its key."""
-    return cache_dir() / "models" / f"{job.dataset.name}-{job.model.name}-{job.attack.name}-s{job.seed}-{job.key}"
+    return cache_dir() / "models" / f"{slug(job.dataset.name)}-{slug(job.model.name)}-{job.attack.name}-s{job.seed}-{job.key}"
 
 
 def reference_job(job: TrainJob) -> TrainJob:
