@@ -45,7 +45,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.data import Augmentation, ImageSet, augment
+from bench.data import Augmentation, ImageSet, augment, step_generator
 from bench.train import TrainConfig, bf16_supported, synchronize, train
 
 def _preset_width(preset: str, model: str) -> int:
@@ -211,11 +211,12 @@ def augment_throughput(n: int, device: torch.device, batch: int = 256, size: int
     aug = Augmentation(pad=4, flip=True)
 
     xd = x.to(device)
-    augment(xd[:batch], aug, gen)  # warm-up
+    dgen = step_generator(gen, device, 0)  # the draws on the device, as the trainer makes them (the CPU: gen itself)
+    augment(xd[:batch], aug, dgen)  # warm-up
 
     def ours() -> None:
         for i in range(0, n, batch):
-            augment(xd[i:i + batch], aug, gen)
+            augment(xd[i:i + batch], aug, dgen)
 
     t_ours = _best_seconds(ours, 2, device)
 
