@@ -131,8 +131,8 @@ def recalibrate_bn(model: nn.Module, data: ImageSet, batch_size: int = 128) -> N
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
-    for idx in torch.tensor_split(torch.arange(len(data)), batches_per_epoch(len(data), batch_size)):
-        model(to_input(data.x[idx.to(data.x.device)]))
+    for idx in torch.tensor_split(torch.arange(len(data), device=data.x.device), batches_per_epoch(len(data), batch_size)):
+        model(to_input(data.x[idx]))
     for bn, m in zip(bns, saved):
         bn.momentum = m
     model.eval()
@@ -208,8 +208,10 @@ class RNP(Defense):
         steps, epoch, reached = 0, 0, False
         for epoch in range(1, self.unlearn_epochs + 1):
             # counted on the device, read once per epoch (integers: the same numbers as counting on the host)
+            # (index_add_, not bincount: CUDA's bincount reads the largest label back to size its output, a sync;
+            # slot k collects predictions past the k labels, which bincount(...)[:k] dropped too)
             correct = torch.zeros((), dtype=torch.long, device=data.y.device)
-            counts = torch.zeros(k, dtype=torch.long, device=data.y.device)
+            counts = torch.zeros(k + 1, dtype=torch.long, device=data.y.device)
             for x, y in self.epoch(data, ctx, gen):
                 with autocast(ctx.device, ctx.bf16):
                     out = model(x)
@@ -220,7 +222,7 @@ class RNP(Defense):
                 steps += 1
                 pred = out.detach().argmax(1)
                 correct += (pred == y).sum()
-                counts += torch.bincount(pred, minlength=k)[:k]
+                counts.index_add_(0, pred.clamp(max=k), torch.ones_like(pred))
                 if self.stop_check == "step":
                     pred = predict(model, data.x, device=ctx.device, bf16=ctx.bf16)
                     history.append((pred == data.y.cpu()).float().mean().item())
@@ -231,7 +233,7 @@ class RNP(Defense):
             sched.step()
             if self.stop_check == "epoch":  # the official rule: the epoch's running training predictions
                 history.append(int(correct) / len(data))
-                hists.append(counts.tolist())
+                hists.append(counts[:k].tolist())
                 reached = history[-1] <= self.clean_threshold
             if reached:
                 break

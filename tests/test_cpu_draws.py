@@ -226,3 +226,38 @@ def test_evaluation_on_the_cpu_is_the_old_per_batch_evaluation():
     old_tcp = sum(float(z.softmax(1).gather(1, data.y[i * 256:(i + 1) * 256][:, None]).sum()) for i, z in enumerate(logits)) / 300
     assert true_class_probability(model, data, bf16=False) == old_tcp
     assert bench.train.predict(model, data.x[:0]).shape == (0,)
+
+
+def test_rnp_unlearning_on_the_cpu_is_the_old_loop():
+    """The unlearning stage (epoch stop checks), against the old loop restated: the same weights, history and
+    per-epoch label histograms (counted on the host with ``bincount`` there, on the device here)."""
+    import torch.nn.functional as F
+
+    data, aug = images(60, seed=8), Augmentation(2, True)
+    ctx = DefenseContext(num_classes=4, augmentation=aug, seed=0, bf16=False)
+    rnp = RNP(batch_size=16, unlearn_epochs=3, clean_threshold=0.0, unlearn_lr=0.05, stop_check="epoch", unlearn_milestones=())
+    new_model = tiny_model(2)
+    facts = rnp.unlearn(new_model, data, ctx, torch.Generator().manual_seed(4))
+
+    model, gen, k = tiny_model(2), torch.Generator().manual_seed(4), 4
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=rnp.unlearn_lr, momentum=rnp.momentum, weight_decay=rnp.weight_decay)
+    history, hists = [], []
+    for _ in range(3):
+        correct, counts = 0, torch.zeros(k, dtype=torch.long)
+        perm = torch.randperm(len(data), generator=gen)
+        for idx in torch.tensor_split(perm, round(60 / 16)):
+            x, y = to_input(old_augment(data.x[idx], aug, gen)), data.y[idx]
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            (-loss).backward()
+            opt.step()
+            pred = out.detach().argmax(1)
+            correct += int((pred == y).sum())
+            counts += torch.bincount(pred.cpu(), minlength=k)[:k]
+        history.append(correct / len(data))
+        hists.append(counts.tolist())
+    assert facts["history"] == history and facts["predictions"] == hists and facts["epochs"] == 3
+    assert all(sum(h) == 60 for h in hists)
+    assert all(torch.equal(a, b) for a, b in zip(new_model.state_dict().values(), model.state_dict().values()))
