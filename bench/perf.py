@@ -8,7 +8,7 @@
 - ``matmul_gflops``: the best of a few large square matmuls, fp32, and bf16 where the
   device runs bf16 natively (``bench.train.bf16_supported``).
 - ``train_peak_fraction``: per model, images per second of ``bench.train.train`` over a
-  few steps on synthetic images (batch 128), times 3x the forward FLOPs per image
+  few steps on synthetic images (8 on the CPU, 50 on a GPU; batch 128), times 3x the forward FLOPs per image
   (conv and linear MACs counted by forward hooks, 2 FLOPs each; a training step is
   about 3 forward passes), over the matmul peak of the dtype the trainer uses.
 - ``rnp_seconds``: the RNP defense with its defaults on a demo-scale model (smallcnn at
