@@ -71,7 +71,7 @@ import torch
 
 from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share
 from bench.config import param
-from bench.data import ImageSet
+from bench.data import ImageSet, step_generator
 from bench.registry import BenchError
 from bench.train import BatchRewrite
 
@@ -163,14 +163,25 @@ class Bpp(Attack):
         return num_bd, min(num_neg, batch_size - num_bd)
 
     def train_extension(self) -> BatchRewrite:
+        # The counts are host integers (drawn, if at all, from the trainer's CPU generator: no device
+        # sync). The negatives' sources are drawn on the batch's device: on the CPU from the trainer's
+        # generator itself, exactly as always; on a GPU from a generator there, seeded once per
+        # training run by a draw of the trainer's generator (``step_generator``), so that a step
+        # copies nothing over and never waits for the GPU.
+        on_device: dict = {}
+
         def hook(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             bs = len(x)
             num_bd, num_neg = self.batch_counts(bs, gen)
             if num_bd + num_neg == 0:
                 return x, y
+            if on_device.get("source") is not gen or on_device.get("device") != x.device:
+                on_device.update(source=gen, device=x.device, gen=step_generator(gen, x.device))
+            dgen = on_device["gen"]
             # the residual of a random other image of the batch for each negative sample
-            shift = torch.randint(1, bs, (num_neg,), generator=gen) if num_neg else torch.zeros(0, dtype=torch.long)
-            src = ((torch.arange(num_bd, num_bd + num_neg) + shift) % bs).to(x.device)
+            shift = (torch.randint(1, bs, (num_neg,), generator=dgen, device=dgen.device) if num_neg
+                     else torch.zeros(0, dtype=torch.long, device=dgen.device))
+            src = ((torch.arange(num_bd, num_bd + num_neg, device=dgen.device) + shift) % bs).to(x.device)
             squeezed = self.trigger(torch.cat([x[:num_bd], x[src]]))  # one (dithering) pass for both
             residual = squeezed[num_bd:].short() - x[src].short()
             out, y = x.clone(), y.clone()

@@ -233,12 +233,18 @@ def list_(what, fields) -> None:
 @main.command()
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="also write the numbers to this JSON file")
 @click.option("--quick", is_flag=True, help="a shorter measurement (less precise)")
-def perf(json_path, quick) -> None:
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="where to measure; cuda adds the paper preset's model, timed under bf16, as a share of the GPU's peak")
+def perf(json_path, quick, device) -> None:
     """Measure how fast this machine runs the pipeline (ratios against baselines measured in the same run)."""
+    import torch
+
     from bench.perf import format_table, run_perf
     from bench.store import write_json
 
-    result = run_perf(quick=quick)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but no CUDA device is available; allowed here: cpu")
+    result = run_perf(quick=quick, device=device)
     click.echo(format_table(result))
     if json_path:
         write_json(json_path, result)

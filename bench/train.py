@@ -5,6 +5,11 @@ augments it as a whole batch, converts to float in [0, 1] in channels_last and r
 forward and backward under bf16 autocast where the device supports it. No DataLoader,
 no per-sample Python.
 
+On a GPU the per-step draws (shuffle, crop offsets, flips) come from a generator on the
+GPU (``bench.data.step_generator``) and nothing in a step waits for the GPU, so the host
+queues steps ahead; on the CPU the draws are those of every earlier version, so CPU
+results stay reproducible. Timings read the clock after ``synchronize``.
+
 ``TrainExtension`` is the loop's one extension point. Everything that must change how a
 model is trained, without a private copy of the loop, goes through it:
 
@@ -37,7 +42,7 @@ import torch
 from torch import nn
 
 from bench.config import Config, param
-from bench.data import Augmentation, ImageSet, augment
+from bench.data import Augmentation, ImageSet, augment, step_generator
 
 
 
@@ -120,6 +125,30 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read after it measures the work.
+
+    CUDA kernels run asynchronously: without this, ``time.perf_counter()`` after a loop measures
+    how fast the host queued the kernels, not how fast the GPU ran them (PyTorch's "CUDA semantics"
+    notes, "Asynchronous execution", https://pytorch.org/docs/stable/notes/cuda.html). A no-op on the CPU.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device`` in one copy: itself when it is there already (always so on the CPU); from the
+    CPU to a GPU through pinned (page-locked) memory with ``non_blocking=True``, so the copy does not block
+    the host (PyTorch's "CUDA semantics" notes, "Use pinned memory buffers")."""
+    device = torch.device(device)
+    if x.device == device or (device.type == x.device.type and device.index is None):
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def to_input(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` -> float in [0, 1] (float input passes as it is), channels_last when asked."""
     x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
@@ -164,7 +193,10 @@ def train(
     parameters the SGD optimiser updates (default: all of the model's).
     """
     device = torch.device(device)
+    # gen: the CPU stream the extensions draw from (and, on the CPU, everything else: the draws stay the
+    # ones of every earlier version); dgen: the per-step draws (shuffle, crops, flips), on the device.
     gen = torch.Generator().manual_seed(seed)
+    dgen = step_generator(gen, device, seed)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt).train()
     data = data.to(device)
@@ -177,14 +209,16 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bar = _bar(total, desc, progress)
+    synchronize(device)
     t_plan = time.perf_counter()
     for ext in extensions:
         ext.plan(data, cfg, aug, steps_per_epoch)
+    synchronize(device)
     plan_seconds = time.perf_counter() - t_plan
     for ext in extensions:
         ext.start(model, device)
     try:
-        stats = _loop(model, data, cfg, aug, gen, device, opt, sched, loss_fn, extensions, bar, steps_per_epoch, bs)
+        stats = _loop(model, data, cfg, aug, gen, dgen, device, opt, sched, loss_fn, extensions, bar, steps_per_epoch, bs)
         # "seconds" is the whole cost of training this model, an extension's own pre-training (IAD's
         # mask generator) included; "img_per_s" stays the loop's own rate.
         stats["plan_seconds"] = plan_seconds
@@ -200,16 +234,17 @@ def train(
     return stats
 
 
-def _loop(model, data, cfg, aug, gen, device, opt, sched, loss_fn, extensions, bar, steps_per_epoch, bs) -> dict:
+def _loop(model, data, cfg, aug, gen, dgen, device, opt, sched, loss_fn, extensions, bar, steps_per_epoch, bs) -> dict:
     n = len(data)
     loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    synchronize(device)
     t0, seen = time.perf_counter(), 0
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=dgen, device=dgen.device).to(device)
         loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
-            x, y = augment(data.x[idx], aug, gen), data.y[idx]
+            x, y = augment(data.x[idx], aug, dgen), data.y[idx]
             for ext in extensions:
                 x, y = ext.batch(x, y, gen)
             x = to_input(x, cfg.channels_last)
@@ -233,6 +268,7 @@ def _loop(model, data, cfg, aug, gen, device, opt, sched, loss_fn, extensions, b
                 if i % 10 == 0 or i == steps_per_epoch - 1:
                     rate = seen / (time.perf_counter() - t0)
                     bar.set_postfix(ep=epoch + 1, loss=f"{loss_sum.item() / count:.3f}", acc=f"{correct.item() / count:.3f}", img_s=f"{rate:.0f}")
+    synchronize(device)
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
@@ -257,10 +293,11 @@ def _eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device | str, 
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    x = to_device(x, device)  # the whole uint8 set in one copy, not one copy per batch
     try:
         for i in range(0, len(x), batch_size):
             with autocast(device, bf16):
-                z = model(to_input(x[i:i + batch_size].to(device)))
+                z = model(to_input(x[i:i + batch_size]))
             yield slice(i, i + batch_size), z.float()
     finally:
         model.train(was_training)
@@ -268,9 +305,9 @@ def _eval_logits(model: nn.Module, x: torch.Tensor, device: torch.device | str, 
 
 def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu", batch_size: int = 256,
             bf16: bool = True) -> torch.Tensor:
-    """Predicted labels (CPU int64) of uint8 images ``x``, model in eval mode."""
-    preds = [z.argmax(1).cpu() for _, z in _eval_logits(model, x, device, batch_size, bf16)]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    """Predicted labels (CPU int64) of uint8 images ``x``, model in eval mode (one copy back, at the end)."""
+    preds = [z.argmax(1) for _, z in _eval_logits(model, x, device, batch_size, bf16)]
+    return torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
 
 
 def true_class_probability(model: nn.Module, data: ImageSet, *, device: torch.device | str = "cpu",
@@ -278,9 +315,9 @@ def true_class_probability(model: nn.Module, data: ImageSet, *, device: torch.de
     """Mean softmax probability that ``model`` (eval mode) gives each image's own label: a "soft accuracy"."""
     if len(data) == 0:
         return float("nan")
-    total = sum(float(z.softmax(1).gather(1, data.y[part].to(z.device)[:, None]).sum())
-                for part, z in _eval_logits(model, data.x, device, batch_size, bf16))
-    return total / len(data)
+    y = to_device(data.y, device)
+    sums = [z.softmax(1).gather(1, y[part][:, None]).sum() for part, z in _eval_logits(model, data.x, device, batch_size, bf16)]
+    return sum(float(s) for s in sums) / len(data)  # read once all batches ran; the same Python float sum as ever
 
 
 def accuracy(model: nn.Module, data: ImageSet, **kw) -> float:

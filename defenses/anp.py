@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.config import param
-from bench.data import ImageSet, augment
+from bench.data import ImageSet, augment, step_generator
 from bench.registry import BenchError
 from bench.train import autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
@@ -202,18 +202,21 @@ class ANP(Defense):
 
     def optimize(self, model: nn.Module, data: ImageSet, ctx: DefenseContext,
                  gen: torch.Generator) -> tuple[MaskSet, dict]:
-        """Attach masks and perturbations to ``model`` (in place, weights frozen) and optimise the masks."""
+        """Attach masks and perturbations to ``model`` (in place, weights frozen) and optimise the masks.
+
+        ``gen`` draws the batches, crops, flips and random starts: on a GPU a generator there
+        (``step_generator``), so an iteration neither copies draws over nor waits for the GPU."""
         masks, opt = self.start(model)
         n_iter = self.n_iterations(len(data))
-        correct = seen = 0
+        correct, seen = torch.zeros((), dtype=torch.long, device=data.y.device), 0  # read once, at the end
         for it in range(n_iter):
-            idx = torch.randint(len(data), (self.batch_size,), generator=gen).to(data.x.device)
+            idx = torch.randint(len(data), (self.batch_size,), generator=gen, device=gen.device).to(data.x.device)
             x, y = to_input(augment(data.x[idx], ctx.augmentation, gen)), data.y[idx]
             out = self.step(model, masks, opt, x, y, ctx, gen)
             if it >= n_iter - PRINT_EVERY:
-                correct += int((out.argmax(1) == y).sum())
+                correct += (out.argmax(1) == y).sum()
                 seen += len(y)
-        return masks, {"iterations": n_iter, "train_acc": correct / seen}
+        return masks, {"iterations": n_iter, "train_acc": int(correct) / seen}
 
     # ------------------------------------------------------------ pruning
     def pruned(self, model: nn.Module, masks: Mapping[str, torch.Tensor], threshold: float) -> tuple[nn.Module, int]:
@@ -229,6 +232,7 @@ class ANP(Defense):
         data, held = clean.to(ctx.device), None
         if self.select == "auto":
             data, held = split_holdout(data, self.holdout, gen, "anp")
+        gen = step_generator(gen, ctx.device, ctx.seed)  # the CPU stream itself on the CPU
 
         work = copy.deepcopy(model)  # masks are learnt on a copy; pruning starts from the original
         mask_set, facts = self.optimize(work, data, ctx, gen)

@@ -84,9 +84,11 @@ class MaskSet:
 
     @torch.no_grad()
     def reset_noise(self, eps: float, gen: torch.Generator | None = None) -> None:
-        """Perturbations uniform in [-eps, eps] (ANP's ``reset(rand_init=True)``); eps 0 gives zeros."""
+        """Perturbations uniform in [-eps, eps] (ANP's ``reset(rand_init=True)``); eps 0 gives zeros.
+
+        Drawn on ``gen``'s device (a generator on the model's device: no copy over, no host sync)."""
         for p in self.noise_parameters():
-            r = torch.rand(p.shape, generator=gen) if gen is not None else torch.zeros(p.shape)
+            r = torch.rand(p.shape, generator=gen, device=gen.device) if gen is not None else torch.zeros(p.shape)
             p.copy_(((2 * r - 1) * eps).to(p.device, p.dtype))
 
     @torch.no_grad()

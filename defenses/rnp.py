@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.config import param
-from bench.data import ImageSet, augment
+from bench.data import ImageSet, augment, step_generator
 from bench.registry import BenchError
 from bench.train import autocast, predict, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
@@ -111,8 +111,8 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """One shuffled epoch as round(n / batch_size) near-equal index batches (no tiny last batch)."""
-    perm = torch.randperm(n, generator=gen)
+    """One shuffled epoch as round(n / batch_size) near-equal index batches (no tiny last batch), on ``gen``'s device."""
+    perm = torch.randperm(n, generator=gen, device=gen.device)
     return list(torch.tensor_split(perm, batches_per_epoch(n, batch_size)))
 
 
@@ -131,8 +131,8 @@ def recalibrate_bn(model: nn.Module, data: ImageSet, batch_size: int = 128) -> N
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
-    for idx in torch.tensor_split(torch.arange(len(data)), batches_per_epoch(len(data), batch_size)):
-        model(to_input(data.x[idx.to(data.x.device)]))
+    for idx in torch.tensor_split(torch.arange(len(data), device=data.x.device), batches_per_epoch(len(data), batch_size)):
+        model(to_input(data.x[idx]))
     for bn, m in zip(bns, saved):
         bn.momentum = m
     model.eval()
@@ -189,7 +189,10 @@ class RNP(Defense):
 
     # ------------------------------------------------------------ the three stages
     def epoch(self, data: ImageSet, ctx: DefenseContext, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One shuffled, augmented pass over the defense data as (float input, label) batches."""
+        """One shuffled, augmented pass over the defense data as (float input, label) batches.
+
+        ``gen`` draws the shuffle, crops and flips: on a GPU a generator there (``step_generator``),
+        so a step neither copies draws over nor waits for the GPU; on the CPU the one CPU stream."""
         for idx in batches(len(data), self.batch_size, gen):
             idx = idx.to(data.x.device)
             yield to_input(augment(data.x[idx], ctx.augmentation, gen)), data.y[idx]
@@ -204,7 +207,11 @@ class RNP(Defense):
         k = ctx.num_classes
         steps, epoch, reached = 0, 0, False
         for epoch in range(1, self.unlearn_epochs + 1):
-            correct, counts = 0, torch.zeros(k, dtype=torch.long)
+            # counted on the device, read once per epoch (integers: the same numbers as counting on the host)
+            # (index_add_, not bincount: CUDA's bincount reads the largest label back to size its output, a sync;
+            # slot k collects predictions past the k labels, which bincount(...)[:k] dropped too)
+            correct = torch.zeros((), dtype=torch.long, device=data.y.device)
+            counts = torch.zeros(k + 1, dtype=torch.long, device=data.y.device)
             for x, y in self.epoch(data, ctx, gen):
                 with autocast(ctx.device, ctx.bf16):
                     out = model(x)
@@ -214,8 +221,8 @@ class RNP(Defense):
                 opt.step()
                 steps += 1
                 pred = out.detach().argmax(1)
-                correct += int((pred == y).sum())
-                counts += torch.bincount(pred.cpu(), minlength=k)[:k]
+                correct += (pred == y).sum()
+                counts.index_add_(0, pred.clamp(max=k), torch.ones_like(pred))
                 if self.stop_check == "step":
                     pred = predict(model, data.x, device=ctx.device, bf16=ctx.bf16)
                     history.append((pred == data.y.cpu()).float().mean().item())
@@ -225,8 +232,8 @@ class RNP(Defense):
                         break
             sched.step()
             if self.stop_check == "epoch":  # the official rule: the epoch's running training predictions
-                history.append(correct / len(data))
-                hists.append(counts.tolist())
+                history.append(int(correct) / len(data))
+                hists.append(counts[:k].tolist())
                 reached = history[-1] <= self.clean_threshold
             if reached:
                 break
@@ -242,7 +249,7 @@ class RNP(Defense):
         model.train()
         acc = None  # no recovering epochs: nothing measured (JSON null)
         for _ in range(self.recover_epochs):
-            correct = 0
+            correct = torch.zeros((), dtype=torch.long, device=data.y.device)
             for x, y in self.epoch(data, ctx, gen):
                 with autocast(ctx.device, ctx.bf16):
                     out = model(x)
@@ -251,8 +258,8 @@ class RNP(Defense):
                 loss.backward()
                 opt.step()
                 masks.clamp_()
-                correct += int((out.argmax(1) == y).sum())
-            acc = correct / len(data)
+                correct += (out.argmax(1) == y).sum()
+            acc = int(correct) / len(data)
         return masks, acc
 
     def pruned(self, model: nn.Module, masks: Mapping[str, torch.Tensor], threshold: float,
@@ -272,12 +279,14 @@ class RNP(Defense):
         Returns the unlearned copy of ``model`` (``model`` itself is untouched), ``unlearn``'s
         facts (with ``predictions``: the label histogram of the defense data at every stop check),
         the training share of the defense data, the held-out share (select=auto, else None) and
-        the generator, positioned where recovering goes on with it.
+        the generator of the per-step draws, positioned where recovering goes on with it: on the CPU
+        the one seeded CPU stream that also split the hold-out off, on a GPU one there (``step_generator``).
         """
         gen = torch.Generator().manual_seed(ctx.seed)
         data, held = clean.to(ctx.device), None
         if self.select == "auto":
             data, held = split_holdout(data, self.holdout, gen, "rnp")
+        gen = step_generator(gen, ctx.device, ctx.seed)
         model = model.to(ctx.device)
         key = self._unlearn_key(model, data, ctx)
         hit = _UNLEARNED.get(key)
