@@ -92,6 +92,7 @@ class Attack(Config):
     clean_label: ClassVar[bool] = False  # True: poison target-class images only, keep their labels
     needs_clean_model: ClassVar[bool] = False  # True: prepare() takes reference=<the clean model>
     has_trigger: ClassVar[bool] = True  # False only for ``clean``: no trigger, empty triggered test set
+    learned_trigger: ClassVar[bool] = False  # True: the trigger is learned while the model trains (IAD's generators)
 
     target: int = param(0, low=0, doc="target class (all-to-one)")
     poison_rate: float = param(0.1, low=0.0, high=1.0, doc="fraction of the training set poisoned")

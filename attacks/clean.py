@@ -54,3 +54,19 @@ class Clean(Attack):
 
     def to_dict(self) -> dict[str, Any]:
         return {}  # no field changes the clean model (see the module notes): one cache entry per recipe
+
+
+@dataclass(frozen=True)
+class Unknown(Clean):
+    """A user's checkpoint defended without ``--attack``: whether, and how, it is backdoored is not known.
+
+    Not registered (``--attack all`` never includes it): ``bench defend`` / ``bench detect`` use it
+    for the model as given. Like ``clean`` it has no trigger, so ASR and RA are not measured ("-");
+    unlike ``clean`` the detection harness has no truth to score against (``bench.detect.truth``).
+    """
+
+    description: ClassVar[str] = "a checkpoint as given, trigger unknown (bench defend / detect without --attack)"
+    unknown: ClassVar[bool] = True
+
+
+Unknown.name = "unknown"

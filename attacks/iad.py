@@ -203,6 +203,7 @@ class IAD(Attack):
     # 2: the generators train in the trainer's precision and memory format (bf16 autocast where native,
     # channels_last), so models trained before (fp32 generators) are not taken from the cache.
     version: ClassVar[int] = 2
+    learned_trigger: ClassVar[bool] = True  # the generators train with the classifier: no trigger without that run
 
     poison_rate: float = param(0.1, low=0.0, high=1.0, doc="share of every training batch backdoored (official p_attack: 0.1)")
     cross_rate: float = param(0.1, low=0.0, high=1.0, doc="share of every batch made cross-trigger samples, true labels (official p_cross: 0.1)")

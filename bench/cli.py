@@ -87,31 +87,119 @@ def main() -> None:
     """bdbench: backdoor attacks vs. defenses, CA and ASR side by side."""
 
 
+def _grid_options(f):
+    """The options every grid command shares (run, defend, detect)."""
+    opts = [
+        click.option("--preset", default=None, help="demo | quick | paper (default: paper on a CUDA machine, else quick)"),
+        click.option("--seeds", default="0", show_default=True, help="comma list or range of seeds, e.g. 0,1,2 or 0-2"),
+        click.option("--jobs", default=None, help="tasks run in parallel (local processes): a count, or auto (one per CPU "
+                     "core, one thread each; on CUDA one per visible GPU); default: the preset's (demo auto, others 1)"),
+        click.option("--scheduler", default=None, help="run the tasks on a Dask cluster: the scheduler's address, e.g. "
+                     "tcp://host:8786"),
+        click.option("--scheduler-file", default=None, help="run the tasks on the Dask cluster whose scheduler wrote this "
+                     "file (dask scheduler --scheduler-file FILE)"),
+        click.option("--cache", "cache_mode", default="auto", show_default=True, type=click.Choice(["auto", "shared", "ship"]),
+                     help="Dask workers: use the driver's model cache (shared filesystem), or ship each model as bytes; "
+                     "auto: shared if the workers see the driver's cache folder"),
+        click.option("--out", default=None, help="run folder (default: results/<preset>-<grid hash>); rerunning resumes it"),
+        click.option("--data-dir", default=None, help="data root (default: $BENCH_DATA_DIR, else the user cache)"),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--set", "sets", multiple=True, help="component.field=value override, e.g. rnp.clean_threshold=0.3 "
+                     "(repeatable)"),
+        click.option("--plugin", "plugins", multiple=True, help="a Python file of your own attacks, defenses, detectors, "
+                     "models or datasets, imported first (repeatable)"),
+        click.option("--quiet", is_flag=True, help="no progress bars"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @main.command()
 @click.option("--attack", "attack_", default="all", show_default=True, help="all, or a comma list of attacks (bench list attacks)")
 @click.option("--defense", default="rnp", show_default=True, help="all, or a comma list of defenses; 'none' (the baseline row) is always added")
 @click.option("--dataset", default=None, help="comma list of datasets (default: the preset's)")
 @click.option("--model", default=None, help="comma list of models (default: the preset's)")
-@click.option("--preset", default=None, help="demo | quick | paper (default: paper on a CUDA machine, else quick)")
-@click.option("--seeds", default="0", show_default=True, help="comma list or range of seeds, e.g. 0,1,2 or 0-2")
-@click.option("--jobs", default=None, help="tasks run in parallel (local processes): a count, or auto (one per CPU core, "
-              "one thread each; on CUDA one per visible GPU); default: the preset's (demo auto, others 1)")
-@click.option("--scheduler", default=None, help="run the tasks on a Dask cluster: the scheduler's address, e.g. tcp://host:8786")
-@click.option("--scheduler-file", default=None, help="run the tasks on the Dask cluster whose scheduler wrote this file "
-              "(dask scheduler --scheduler-file FILE)")
-@click.option("--cache", "cache_mode", default="auto", show_default=True, type=click.Choice(["auto", "shared", "ship"]),
-              help="Dask workers: use the driver's model cache (shared filesystem), or ship each model as bytes; "
-              "auto: shared if the workers see the driver's cache folder")
-@click.option("--out", default=None, help="run folder (default: results/<preset>-<grid hash>); rerunning resumes it")
-@click.option("--data-dir", default=None, help="data root (default: $BENCH_DATA_DIR, else the user cache)")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--set", "sets", multiple=True, help="component.field=value override, e.g. rnp.clean_threshold=0.3 (repeatable)")
 @click.option("--detect", default=None, help="all, or a comma list of detectors (bench list detectors): the detection track")
-@click.option("--quiet", is_flag=True, help="no progress bars")
-def run(attack_, defense, dataset, model, preset, seeds, jobs, scheduler, scheduler_file, cache_mode, out, data_dir, device,
-        sets, detect, quiet) -> None:
+@_grid_options
+def run(attack_, defense, dataset, model, detect, **grid) -> None:
     """Train poisoned models, apply defenses, write records, tables and plots."""
     from attacks import ATTACKS
+
+    _load_plugins(grid["plugins"])
+    _grid(attacks=_split(attack_, ATTACKS, "attack"), defense=defense, dataset=dataset, model=model, detect=detect, **grid)
+
+
+_CHECKPOINT_HELP = ("CHECKPOINT: .safetensors, or .pt/.pth/.bin read with torch.load(weights_only=True) only; a state dict "
+                    "at the top level or under state_dict/model/model_state_dict/net, with or without a module. prefix")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="its architecture: a registered model (bench list models), torchvision:NAME or timm:NAME")
+@click.option("--dataset", required=True, help="the dataset it classifies (bench list datasets, or folder:PATH)")
+@click.option("--defense", default="all", show_default=True, help="all, or a comma list of defenses; 'none' (the checkpoint as given) is always added")
+@click.option("--attack", "attack_", default=None, help="the attack it was trained with, if known (one name and its --set "
+              "fields): its trigger builds the triggered test set, so ASR and RA are measured")
+@click.option("--detect", default=None, help="also the detection track: all, or a comma list of detectors")
+@click.option("--normalize", default=None, help="the mean,std it was trained with (one each, or one per channel), or none "
+              "for a network that takes [0, 1]; default: the dataset's (e.g. gtsrb 0.3403,0.3121,0.3214,0.2724,0.2608,0.2669)")
+@click.option("--save-defended", default=None, type=click.Path(file_okay=False), help="write each defended model to this folder "
+              "as safetensors (<cell>.safetensors)")
+@_grid_options
+def defend(checkpoint, model, dataset, defense, attack_, detect, normalize, save_defended, **grid) -> None:
+    """Apply defenses to your own model (a checkpoint): CA, and ASR/RA with --attack; the same records and reports as run.
+
+    """ + _CHECKPOINT_HELP
+    _load_plugins(grid["plugins"])
+    _grid(attacks=_one_attack(attack_), defense=defense, dataset=dataset, model=model, detect=detect,
+          checkpoint=_checkpoint(checkpoint, normalize), save_defended=save_defended, **grid)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="its architecture: a registered model (bench list models), torchvision:NAME or timm:NAME")
+@click.option("--dataset", required=True, help="the dataset it classifies (bench list datasets, or folder:PATH)")
+@click.option("--detect", default="all", show_default=True, help="all, or a comma list of detectors (bench list detectors)")
+@click.option("--attack", "attack_", default=None, help="the attack it was trained with, if known: its trigger builds the "
+              "triggered inputs, so input-level detection is scored")
+@click.option("--normalize", default=None, help="the mean,std it was trained with, or none; default: the dataset's")
+@_grid_options
+def detect(checkpoint, model, dataset, detect, attack_, normalize, **grid) -> None:
+    """Run detectors on your own model (a checkpoint): is it backdoored, which label, which inputs.
+
+    """ + _CHECKPOINT_HELP
+    _load_plugins(grid["plugins"])
+    _grid(attacks=_one_attack(attack_), defense="none", dataset=dataset, model=model, detect=detect,
+          checkpoint=_checkpoint(checkpoint, normalize), **grid)
+
+
+def _one_attack(name: str | None) -> list[str]:
+    from attacks import ATTACKS
+
+    if name is None:
+        return []
+    names = _split(name, ATTACKS, "attack")
+    if len(names) != 1 or name.strip() == "all":
+        raise BenchError(f"--attack {name!r}: a checkpoint was trained with one attack; give one name")
+    return names
+
+
+def _checkpoint(path: str, normalize: str | None):
+    from bench.checkpoint import Checkpoint
+
+    return Checkpoint.open(path, normalize)
+
+
+def _load_plugins(files) -> None:
+    from bench.plugins import load_plugin
+
+    for f in files:
+        load_plugin(f)
+
+
+def _grid(*, attacks, defense, dataset, model, detect, preset, seeds, jobs, scheduler, scheduler_file, cache_mode, out,
+          data_dir, device, sets, quiet, plugins, checkpoint=None, save_defended=None) -> None:
     from bench.config import parse_sets
     from bench.data import DATASETS
     from bench.models import MODELS
@@ -139,7 +227,7 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, scheduler, schedu
     if "none" in DEFENSES:  # the baseline row, always, once and first
         defs = ["none", *[d for d in defs if d != "none"]]
     spec = GridSpec(
-        attacks=_split(attack_, ATTACKS, "attack"),
+        attacks=attacks,
         defenses=defs,
         datasets=_split(dataset, DATASETS, "dataset") if dataset else None,
         models=_split(model, MODELS, "model") if model else None,
@@ -148,20 +236,24 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, scheduler, schedu
         overrides=parse_sets(sets),
         detectors=_split(detect, DETECTORS, "detect") if detect is not None else [],
         data_dir=data_dir,
+        checkpoint=checkpoint,
     )
     if data_dir is not None and not Path(data_dir).is_dir():
         raise BenchError(f"--data-dir {data_dir} is not a folder")
     cells, detect_cells = spec.plan()  # every name and value is checked here, before any work
     if out is None:
         first = cells[0].job
-        out = Path("results") / f"{preset}-{first.dataset.name}-{first.model.name}-" \
-            f"{content_hash({'cells': [c.id for c in cells], 'sets': sorted(sets)}, 8)}"
+        what = {"cells": [c.id for c in cells], "sets": sorted(sets)}
+        if checkpoint is not None:
+            what["checkpoint"] = checkpoint.sha256
+        out = Path("results") / f"{'defend-' if checkpoint else ''}{preset}-{first.dataset.name}-" \
+            f"{first.model.name}-{content_hash(what, 8)}".replace("/", "_")
     extra = f" + {len(detect_cells)} detection cells" if detect_cells else ""
     executor = make_executor(jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file, device=dev, cache=cache_mode)
     try:
         click.echo(f"run folder: {out}  ({len(cells)} cells{extra}, device {dev}, {executor.describe()})")
         records = run_grid(cells, out, preset=preset, device=dev, executor=executor, progress=not quiet,
-                           log=lambda m: click.echo(m), detect=detect_cells)
+                           log=lambda m: click.echo(m), detect=detect_cells, save_defended=save_defended)
     finally:
         executor.close()
     paths = write_reports(out)
@@ -170,6 +262,8 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, scheduler, schedu
     if "detection.md" in paths:
         click.echo(paths["detection.md"].read_text(encoding="utf-8"))
     click.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
+    if save_defended:
+        click.echo(f"defended models: {save_defended}")
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         click.echo(f"{len(failed)} cell(s) failed: {', '.join(r['cell'] for r in failed)}", err=True)
@@ -198,8 +292,10 @@ def report(run_dir, compare) -> None:
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["attacks", "defenses", "detectors", "datasets", "models", "presets"]))
 @click.option("--fields", "-f", is_flag=True, help="also list each entry's hyperparameters and defaults")
-def list_(what, fields) -> None:
+@click.option("--plugin", "plugins", multiple=True, help="a Python file of your own components, imported first (repeatable)")
+def list_(what, fields, plugins) -> None:
     """List registered components with a one-line description and their paper."""
+    _load_plugins(plugins)
     from attacks import ATTACKS
     from bench.config import describe
     from bench.data import DATASETS
@@ -226,8 +322,46 @@ def list_(what, fields) -> None:
         if fields:
             for fname, tname, default, doc in describe(cls):
                 click.echo(f"{'':18s}{name}.{fname} ({tname}) = {default!r}" + (f"  {doc}" if doc else ""))
+    for prefix, (_, doc) in getattr(reg, "families", {}).items():
+        click.echo(f"{prefix + ':NAME':16s} {doc}")
     for name, err in getattr(reg, "plugin_errors", {}).items():
         click.echo(f"{name:16s} [plugin failed to load] {err}", err=True)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--plugin", "plugins", multiple=True, help="a Python file of your own components, imported first (repeatable)")
+def check(names, plugins) -> None:
+    """Run the registry's contract on components: by default every attack, defense and detector the --plugin
+    files add (determinism in the seed, no data beyond what it is given, model on its device, bad fields refused)."""
+    from attacks import ATTACKS
+    from bench.check import check_component
+    from defenses import DEFENSES
+    from detectors import DETECTORS
+
+    regs = {"attack": ATTACKS, "defense": DEFENSES, "detector": DETECTORS}
+    before = {k: set(r.names()) for k, r in regs.items()}
+    _load_plugins(plugins)
+    if names:
+        todo = []
+        for n in names:
+            kinds = [k for k, r in regs.items() if n in r]
+            if not kinds:
+                raise BenchError(f"{n!r} is no registered attack, defense or detector; see bench list")
+            todo += [(k, n) for k in kinds]
+    else:
+        todo = [(k, n) for k, r in regs.items() for n in r.names() if n not in before[k]]
+        if not todo:
+            raise BenchError("nothing to check: give --plugin FILE.py that registers a component, or component names")
+    failed = 0
+    for kind, name in todo:
+        click.echo(f"{kind} {name}:")
+        for what, ok, detail in check_component(kind, name):
+            failed += not ok
+            click.echo(f"  {'ok  ' if ok else 'FAIL'} {what}" + (f" ({detail})" if detail else ""))
+    if failed:
+        click.echo(f"{failed} check(s) failed", err=True)
+        sys.exit(1)
 
 
 @main.command()

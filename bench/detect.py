@@ -39,7 +39,10 @@ from bench.registry import BenchError
 
 
 def truth(attack) -> dict:
-    """What the harness scores against: is the model backdoored, and the all-to-one target (else None)."""
+    """What the harness scores against: is the model backdoored, and the all-to-one target (else None).
+    For a user's checkpoint defended without ``--attack`` (``attacks.clean.Unknown``) nobody knows: None."""
+    if getattr(attack, "unknown", False):
+        return {"backdoored": None, "target": None}
     backdoored = bool(attack.has_trigger)
     target = int(attack.target) if backdoored and getattr(attack, "label_mode", "all2one") == "all2one" else None
     return {"backdoored": backdoored, "target": target}
@@ -97,6 +100,8 @@ def detection_inputs(attack, level: str, train, test, triggered: TriggeredSet, p
     - Otherwise (input level, or an attack that poisons batches on the fly: WaNet, IAD, BPP): the
       test-time mix (``test_time_mix``), unlabelled: at test time nobody knows an input's label.
     """
+    if getattr(attack, "unknown", False):
+        return None, None, "a checkpoint whose trigger is not known: give --attack NAME to score inputs"
     if not attack.has_trigger:
         return None, None, "the clean model: no poisoned image, no trigger"
     if level == "sample" and len(poison_idx):

@@ -64,7 +64,7 @@ def summary(dets: list[dict]) -> list[dict]:
         group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model)]
         for name in _ordered(d["detector"] for d in group):
             ok = [d for d in group if d["detector"] == name and d["status"] == "ok"]
-            neg = [d["detection"]["score"] for d in ok if not d["truth"]["backdoored"]]
+            neg = [d["detection"]["score"] for d in ok if d["truth"]["backdoored"] is False]
             row = {"dataset": ds, "model": model, "detector": name}
             for suffix, keep in (("", lambda d: True), ("_implanted", implanted)):
                 bd = [d for d in ok if d["truth"]["backdoored"] and keep(d)]
@@ -277,7 +277,7 @@ def plot_roc(dets: list[dict], path: Path) -> Path | None:
         ok = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d["status"] == "ok"]
         for i, name in enumerate(_ordered(d["detector"] for d in ok)):
             pos = [d["detection"]["score"] for d in ok if d["detector"] == name and d["truth"]["backdoored"]]
-            neg = [d["detection"]["score"] for d in ok if d["detector"] == name and not d["truth"]["backdoored"]]
+            neg = [d["detection"]["score"] for d in ok if d["detector"] == name and d["truth"]["backdoored"] is False]
             if pos and neg:
                 curves.append((i, name, *roc_points(pos, neg), auroc(pos, neg)))
         if curves:

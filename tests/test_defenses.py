@@ -15,6 +15,7 @@ from torch import nn
 
 import bench.data
 import defenses.rnp
+from bench.check import check_defense
 from bench.config import build
 from bench.data import DATASETS, ImageSet
 from bench.models import MODELS
@@ -51,37 +52,12 @@ def rnp_run(model, sets):
 
 @pytest.mark.parametrize("name", DEFENSES.names())
 def test_contract(name, model, sets, monkeypatch):
-    clean = sets[1]
-    clean_copy = ImageSet(clean.x.clone(), clean.y.clone())
-
-    def forbidden(*a, **k):
-        raise AssertionError("a defense may use only the model, the clean set and the context")
-
-    # Any data beyond what it was given is out of reach: loading or drawing a dataset fails.
-    monkeypatch.setattr(bench.data.Dataset, "load", forbidden)
-    monkeypatch.setattr(bench.data.Synthetic, "draw", forbidden)
-    monkeypatch.setattr(bench.data, "defense_subset", forbidden)
-    rng = torch.get_rng_state()
-    defense = DEFENSES.get(name)()
-
-    def independent_run() -> DefenseResult:  # RNP's stage-1 memo emptied: two runs, not a run and its memo
-        monkeypatch.setattr(defenses.rnp, "_UNLEARNED", {})
-        return defense(copy.deepcopy(model), clean, ctx(seed=3))
-
-    results = [independent_run() for _ in range(2)]
-    assert torch.equal(torch.get_rng_state(), rng), "a defense must not draw from the global RNG"
-    assert torch.equal(clean.x, clean_copy.x) and torch.equal(clean.y, clean_copy.y)
-
-    x = clean.x[:5].float() / 255
-    for res in results:
-        assert isinstance(res, DefenseResult)
-        assert res.model(x).shape == model(x).shape == (5, 10)
-        json.dumps(res.info)  # JSON-able
-    assert same_state(state(results[0].model), state(results[1].model)), "same seed, same model"
-    assert json.dumps(results[0].info, sort_keys=True) == json.dumps(results[1].info, sort_keys=True)
-    if results[0].sweep is not None:
-        points = list(results[0].sweep())
-        assert all(p[1](x).shape == (5, 10) for p in points)
+    """bench.check's defense contract (the one `bench check` runs on a plugin): only the model, the clean set
+    and the context; no global RNG; the clean set untouched; a working model and JSON facts; the same seed,
+    the same model (two independent runs: RNP's stage-1 memo emptied before each); the model on its device."""
+    checks = check_defense(DEFENSES.get(name)(), model, sets[1], lambda: ctx(seed=3),
+                           before_each=lambda: monkeypatch.setattr(defenses.rnp, "_UNLEARNED", {}))
+    assert [c[0] for c in checks if not c[1]] == [] and len(checks) == 5, checks
 
 
 # ---------------------------------------------------------------- RNP pieces

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from attacks.base import Attack, prepare_attack
+from attacks.base import Attack, PoisonedSet, prepare_attack
+from bench.checkpoint import load_into
 from bench.data import ImageSet, defense_subset
 from bench.detect import (INPUTS_VERSION, NOT_APPLICABLE, TRIGGER_PREFIXES, auroc, detection_inputs, precision_at_k,
                           tpr_at_fpr, trigger_scores, truth)
@@ -52,7 +53,8 @@ MODEL_FILES = ("model.safetensors", "attack.safetensors", "triggered.safetensors
 
 
 def train_model(job: TrainJob, device: str, progress: bool = False) -> dict:
-    """Train (or find cached) the model of ``job``, backdoored or clean; return its metadata."""
+    """Train (or find cached) the model of ``job``, backdoored or clean; return its metadata. A job with a
+    ``checkpoint`` imports it instead (its attack, if any, only builds the trigger: nothing is poisoned)."""
     out = model_dir(job)
     if (out / "meta.json").exists():
         return read_json(out / "meta.json")
@@ -62,11 +64,17 @@ def train_model(job: TrainJob, device: str, progress: bool = False) -> dict:
     reference = clean_reference(job, device, progress) if attack.needs_clean_model else None
     prepare_attack(attack, ds.num_classes, ds.channels, ds.size, train_set, job.seed, reference)
     del reference
-    poisoned = attack.poison(train_set, job.seed)
     model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
-    fault_point("train_started", job.label)
-    stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
-                  extensions=[e for e in [attack.train_extension()] if e is not None], progress=progress, desc=job.label)
+    if job.checkpoint is not None:
+        poisoned = PoisonedSet(train_set, torch.zeros(0, dtype=torch.long))  # the defender's data: nothing known poisoned
+        load_into(model, job.checkpoint, ds.num_classes, ds.name, job.model.name)
+        model.to(device).eval()
+        stats = {"seconds": 0.0, "threads": None, "imported": True}
+    else:
+        poisoned = attack.poison(train_set, job.seed)
+        fault_point("train_started", job.label)
+        stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
+                      extensions=[e for e in [attack.train_extension()] if e is not None], progress=progress, desc=job.label)
     t0 = time.perf_counter()
     triggered = attack.test_set(test_set)
     metrics = evaluate(model, test_set, triggered, device=device, bf16=job.train.bf16)
@@ -82,6 +90,8 @@ def train_model(job: TrainJob, device: str, progress: bool = False) -> dict:
     }
     if attack.needs_clean_model:  # which cached clean model the trigger was computed on
         meta["reference"] = model_dir(reference_job(job)).name
+    if job.checkpoint is not None:
+        meta["checkpoint"] = job.checkpoint.facts
     files = {
         "model.safetensors": model.state_dict(),
         "attack.safetensors": {**attack.state, "poison_idx": poisoned.poison_idx},
@@ -309,8 +319,9 @@ def error_text(exc: BaseException) -> str:
 # ---------------------------------------------------------------- cells
 
 
-def run_defense_cell(cell: DefenseCell, device: str, preset: str, backdoor: dict) -> dict:
-    """Apply the cell's defense to the cached model (``backdoor``: its metadata); return the record."""
+def run_defense_cell(cell: DefenseCell, device: str, preset: str, backdoor: dict, keep_model: bool = False) -> dict:
+    """Apply the cell's defense to the cached model (``backdoor``: its metadata); return the record
+    (with ``keep_model``, also the defended weights under ``_defended``, which the driver saves)."""
     job = cell.job
     ds = job.dataset
     rec = base_record(cell, preset)
@@ -318,6 +329,8 @@ def run_defense_cell(cell: DefenseCell, device: str, preset: str, backdoor: dict
     rec["seconds"]["train"] = backdoor["train"]["seconds"]
     rec["train_threads"] = backdoor["train"].get("threads")  # CPU threads the model trained with (None: GPU, or not recorded)
     rec["train_device"] = backdoor.get("device")
+    if "checkpoint" in backdoor:  # a user's model: which file, by content
+        rec["checkpoint"] = backdoor["checkpoint"]
     train_set, test_set = ds.load(job.data_dir)
     rec["data"] = job.data
     model, attack, poison_idx, triggered = load_model(job, device)
@@ -332,6 +345,8 @@ def run_defense_cell(cell: DefenseCell, device: str, preset: str, backdoor: dict
     rec["metrics"] = evaluate(result.model, test_set, triggered, device=device, bf16=job.train.bf16)
     rec["info"] = dict(result.info)
     rec["info"]["defense_images"] = len(clean)
+    if keep_model:
+        rec["_defended"] = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     if result.tensors:  # saved by the driver as RUN_DIR/tensors/<cell>.safetensors before the record
         rec["_tensors"] = {k: v.detach().cpu() for k, v in result.tensors.items()}
     if result.sweep is not None and cell.run.sweep:
@@ -368,6 +383,8 @@ def run_detect_cell(cell: DetectCell, device: str, preset: str, backdoor: dict |
     rec = base_detect_record(cell, preset)
     backdoor = backdoor or read_json(model_dir(job) / "meta.json")
     rec["truth"]["asr"] = backdoor["metrics"]["asr"]  # did the backdoor implant?
+    if "checkpoint" in backdoor:
+        rec["checkpoint"] = backdoor["checkpoint"]
     train_set, test_set = ds.load(job.data_dir)
     rec["data"] = job.data
     model, attack, poison_idx, triggered = load_model(job, device)
@@ -444,20 +461,20 @@ def train_task(job: TrainJob, key: str, device: str, ship: bool, progress: bool,
     return out
 
 
-def _cell_task(run, cell, device: str, preset: str, model: dict) -> dict:
+def _cell_task(run, cell, device: str, preset: str, model: dict, **extra) -> dict:
     if model.get("error"):
         return failed_record(cell, preset, f"training the model failed: {model['error']}")
     try:
         if model.get("files"):
             install_model(cell.job, model["files"])
-        return run(cell, device, preset, model["meta"])
+        return run(cell, device, preset, model["meta"], **extra)
     except Exception as exc:
         return failed_record(cell, preset, error_text(exc))
 
 
-def defend_task(cell: DefenseCell, device: str, preset: str, model: dict) -> dict:
-    """A removal cell's record (``model``: its train task's result)."""
-    return _cell_task(run_defense_cell, cell, device, preset, model)
+def defend_task(cell: DefenseCell, device: str, preset: str, keep_model: bool, model: dict) -> dict:
+    """A removal cell's record (``model``: its train task's result; ``keep_model``: --save-defended)."""
+    return _cell_task(run_defense_cell, cell, device, preset, model, **({"keep_model": True} if keep_model else {}))
 
 
 def detect_task(cell: DetectCell, device: str, preset: str, model: dict) -> dict:

@@ -22,6 +22,7 @@ The driver (``run_grid``) is the only writer of the run folder: records come bac
 from __future__ import annotations
 
 import collections
+import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class Settings:
     preset: str
     ship: bool = False
     progress: bool = False  # a per-model training bar (in-process only)
+    keep_models: bool = False  # defense cells return the defended weights (--save-defended)
 
 
 def task_call(task: Task, s: Settings) -> tuple[Callable, tuple]:
@@ -125,7 +127,7 @@ def task_call(task: Task, s: Settings) -> tuple[Callable, tuple]:
     if task.kind == "train":
         return train_task, (task.item, task.item.key, s.device, s.ship, s.progress)
     if task.kind == "defend":
-        return defend_task, (task.item, s.device, s.preset)
+        return defend_task, (task.item, s.device, s.preset, s.keep_models)
     return detect_task, (task.item, s.device, s.preset)
 
 
@@ -428,11 +430,14 @@ def run_grid(
     progress: bool = True,
     log: Callable[[str], None] = print,
     detect: list[DetectCell] = (),
+    save_defended: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Run ``cells`` (and the detection cells ``detect``) into ``out``; return this grid's removal records.
 
     ``executor`` (default: ``make_executor(jobs=jobs, device=device)``) runs the task graph; the
     driver writes each record as its result arrives, so a kill at any moment loses no finished cell.
+    ``save_defended``: a folder where the driver writes each defended model (``<cell>.safetensors``,
+    atomically, before the cell's record); a finished cell whose file is missing there runs again.
     """
     rd = RunDir(out)
     own = executor is None
@@ -444,16 +449,18 @@ def run_grid(
                 ds.load(data_dir)
             if own:
                 executor = make_executor(jobs=jobs, device=device)
-            return _drive(rd, cells, list(detect), executor, preset=preset, device=device, progress=progress, log=log)
+            return _drive(rd, cells, list(detect), executor, preset=preset, device=device, progress=progress, log=log,
+                          save_defended=Path(save_defended) if save_defended else None)
         finally:
             if own and executor is not None:
                 executor.close()
 
 
-def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, progress, log) -> list[dict]:
+def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, progress, log, save_defended=None) -> list[dict]:
     order = [c.id for c in cells]
     rd.load()
-    todo = [c for c in cells if not is_done(rd.records.get(c.id), c)]
+    todo = [c for c in cells if not is_done(rd.records.get(c.id), c)
+            or (save_defended is not None and not (save_defended / f"{c.id}.safetensors").exists())]
     if len(todo) < len(cells):
         log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already finished")
     todo_det = [c for c in detect if not is_done(rd.detections.get(c.id), c)]
@@ -462,12 +469,12 @@ def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, pro
     tasks = graph(todo, todo_det)
     wanted = {train_key(c.job) for c in [*todo, *todo_det]}
     s = Settings(device, preset, ship=getattr(executor, "ship", False),
-                 progress=progress and isinstance(executor, InProcess))
+                 progress=progress and isinstance(executor, InProcess), keep_models=save_defended is not None)
     bar = Progress(tasks, progress and not s.progress)
     rd.write_records(order)
     try:
         for task, result in executor.run(tasks, s):
-            ok = _handle(rd, task, result, wanted, preset, lambda m: bar.say(log, m))
+            ok = _handle(rd, task, result, wanted, preset, lambda m: bar.say(log, m), save_defended)
             bar.update(task, ok)
             rd.write_records(order, every=RECORDS_EVERY)
     finally:
@@ -477,7 +484,7 @@ def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, pro
     return [r for r in recs if r["cell"] in keep]
 
 
-def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, log) -> bool:
+def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, log, save_defended: Path | None = None) -> bool:
     """Write what a finished task produced; return whether it succeeded."""
     if task.kind == "train":
         job: TrainJob = task.item
@@ -499,6 +506,11 @@ def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, 
         return True
     cell = task.item
     rec = failed_record(cell, preset, result.reason) if isinstance(result, TaskFailed) else result
+    defended = rec.pop("_defended", None)
+    if defended is not None and save_defended is not None and rec["status"] == "ok":
+        save_tensors(save_defended / f"{rec['cell']}.safetensors", defended,
+                     metadata={"cell": rec["cell"], "defense": json.dumps(rec["config"]["defense"]),
+                               "checkpoint": json.dumps(rec.get("checkpoint")), "format": "bench.models.Classifier state dict"})
     rd.save_cell_tensors(rec)
     (rd.write_cell if task.kind == "defend" else rd.write_detection)(rec)
     log(_line(rec))

@@ -25,6 +25,8 @@ import attacks as _attacks  # noqa: F401  (registers the built-in attacks)
 import defenses as _defenses  # noqa: F401  (registers the built-in defenses)
 import detectors as _detectors  # noqa: F401  (registers the built-in detectors)
 from attacks.base import ATTACKS, Attack
+from attacks.clean import Unknown
+from bench.checkpoint import Checkpoint, load_into
 from bench.config import Config, build, param
 from bench.data import DATASETS, Dataset, cache_dir
 from bench.models import MODELS, ModelSpec
@@ -62,6 +64,7 @@ class TrainJob:
     train: TrainConfig
     seed: int
     data_dir: str | None = field(default=None, compare=False)  # the data root (None: $BENCH_DATA_DIR, else the cache's)
+    checkpoint: Checkpoint | None = None  # a user's model (bench defend / detect): imported, never trained
 
     @property
     def data(self) -> dict:
@@ -72,7 +75,7 @@ class TrainJob:
     def key(self) -> str:
         """The model cache key: everything that determines the model, the decoded images' digest included
         (another copy of the data, or a changed file, trains anew); not the CPU thread count."""
-        return content_hash({
+        parts = {
             "code": CODE_VERSION,
             "data": self.data["digest"],
             "dataset": [self.dataset.name, self.dataset.to_dict()],
@@ -80,7 +83,11 @@ class TrainJob:
             "attack": [self.attack.name, self.attack.to_dict(), getattr(type(self.attack), "version", 1)],
             "train": self.train.to_dict(),
             "seed": self.seed,
-        })
+        }
+        if self.checkpoint is not None:  # the file's content, not its path: a changed file is a new model
+            parts["checkpoint"] = [self.checkpoint.sha256, self.checkpoint.facts["normalize"]]
+            del parts["train"]  # nothing is trained
+        return content_hash(parts)
 
     @property
     def label(self) -> str:
@@ -135,6 +142,7 @@ class GridSpec:
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     detectors: list[str] = field(default_factory=list)  # the detection track (--detect); empty: none
     data_dir: str | None = None  # --data-dir (None: $BENCH_DATA_DIR, else the cache's data folder)
+    checkpoint: Checkpoint | None = None  # bench defend / detect: this model instead of training (attacks: [] or one)
 
     def plan(self) -> Plan:
         """The removal cells and the detection cells (one per model and detector), all validated."""
@@ -165,6 +173,13 @@ class GridSpec:
         datasets = [make(DATASETS, d) for d in (self.datasets or [p.dataset])]
         models = [make(MODELS, m) for m in (self.models or [p.model])]
         atks = [make(ATTACKS, a) for a in self.attacks]
+        if self.checkpoint is not None:
+            atks = atks or [Unknown()]
+            for a in atks:
+                if a.needs_clean_model or a.learned_trigger:
+                    why = "a clean reference model of the same recipe" if a.needs_clean_model else "state learned while the model trained"
+                    raise BenchError(f"--attack {a.name}: its trigger needs {why}, which a checkpoint does not carry; "
+                                     "give an attack whose trigger its fields and the seed define (badnets, blend, sig, wanet, ...)")
         defs = [make(DEFENSES, d) for d in self.defenses]
         dets = [make(DETECTORS, d) for d in self.detectors]
         for ds in datasets:
@@ -174,11 +189,14 @@ class GridSpec:
         for ds in datasets:  # settings that name parts of a model (NAD's layers) are checked on a built one
             for m in models:
                 net = m.build(ds.num_classes, ds.channels, ds.mean, ds.std)
+                if self.checkpoint is not None:  # the checkpoint fits the architecture and the dataset, or one line here
+                    load_into(net, self.checkpoint, ds.num_classes, ds.name, m.name)
                 for d in [*defs, *dets]:
                     d.check(net)
         if not self.seeds:
             raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
-        jobs = [TrainJob(ds, m, a, tcfg, s, self.data_dir) for ds in datasets for m in models for a in atks for s in self.seeds]
+        jobs = [TrainJob(ds, m, a, tcfg, s, self.data_dir, self.checkpoint)
+                for ds in datasets for m in models for a in atks for s in self.seeds]
         return Plan([DefenseCell(j, d, run) for j in jobs for d in defs], [DetectCell(j, d, run) for j in jobs for d in dets])
 
 
