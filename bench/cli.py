@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bench.registry import BenchError
+from bench.registry import BenchError, slug
 
 
 def _split(value: str, registry, what: str) -> list[str]:
@@ -154,7 +154,7 @@ def run(attack_, defense, dataset, model, preset, seeds, jobs, scheduler, schedu
     cells, detect_cells = spec.plan()  # every name and value is checked here, before any work
     if out is None:
         first = cells[0].job
-        out = Path("results") / f"{preset}-{first.dataset.name}-{first.model.name}-" \
+        out = Path("results") / f"{preset}-{slug(first.dataset.name)}-{slug(first.model.name)}-" \
             f"{content_hash({'cells': [c.id for c in cells], 'sets': sorted(sets)}, 8)}"
     extra = f" + {len(detect_cells)} detection cells" if detect_cells else ""
     executor = make_executor(jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file, device=dev, cache=cache_mode)
@@ -226,6 +226,11 @@ def list_(what, fields) -> None:
         if fields:
             for fname, tname, default, doc in describe(cls):
                 click.echo(f"{'':18s}{name}.{fname} ({tname}) = {default!r}" + (f"  {doc}" if doc else ""))
+    for prefix, (make, doc) in reg.families.items():  # names made on use, e.g. folder:PATH
+        click.echo(f"{prefix + ':' + doc.split()[0]:16s} {doc.partition(' ')[2].strip('()')}")
+        if fields and getattr(make, "base", None):  # the class its members subclass: --set PREFIX.FIELD=VALUE
+            for fname, tname, default, fdoc in describe(make.base):
+                click.echo(f"{'':18s}{prefix}.{fname} ({tname}) = {default!r}" + (f"  {fdoc}" if fdoc else ""))
     for name, err in getattr(reg, "plugin_errors", {}).items():
         click.echo(f"{name:16s} [plugin failed to load] {err}", err=True)
 
