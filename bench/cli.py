@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bench.registry import BenchError
+from bench.registry import BenchError, slug
 
 
 def _split(value: str, registry, what: str) -> list[str]:
@@ -246,8 +246,8 @@ def _grid(*, attacks, defense, dataset, model, detect, preset, seeds, jobs, sche
         what = {"cells": [c.id for c in cells], "sets": sorted(sets)}
         if checkpoint is not None:
             what["checkpoint"] = checkpoint.sha256
-        out = Path("results") / f"{'defend-' if checkpoint else ''}{preset}-{first.dataset.name}-" \
-            f"{first.model.name}-{content_hash(what, 8)}".replace("/", "_")
+        out = Path("results") / f"{'defend-' if checkpoint else ''}{preset}-{slug(first.dataset.name)}-" \
+            f"{slug(first.model.name)}-{content_hash(what, 8)}"
     extra = f" + {len(detect_cells)} detection cells" if detect_cells else ""
     executor = make_executor(jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file, device=dev, cache=cache_mode)
     try:
@@ -322,8 +322,11 @@ def list_(what, fields, plugins) -> None:
         if fields:
             for fname, tname, default, doc in describe(cls):
                 click.echo(f"{'':18s}{name}.{fname} ({tname}) = {default!r}" + (f"  {doc}" if doc else ""))
-    for prefix, (_, doc) in getattr(reg, "families", {}).items():
-        click.echo(f"{prefix + ':NAME':16s} {doc}")
+    for prefix, (make, doc) in reg.families.items():  # names made on use, e.g. folder:PATH
+        click.echo(f"{prefix + ':' + doc.split()[0]:16s} {doc.partition(' ')[2].strip('()')}")
+        if fields and getattr(make, "base", None):  # the class its members subclass: --set PREFIX.FIELD=VALUE
+            for fname, tname, default, fdoc in describe(make.base):
+                click.echo(f"{'':18s}{prefix}.{fname} ({tname}) = {default!r}" + (f"  {fdoc}" if fdoc else ""))
     for name, err in getattr(reg, "plugin_errors", {}).items():
         click.echo(f"{name:16s} [plugin failed to load] {err}", err=True)
 

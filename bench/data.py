@@ -21,7 +21,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -227,11 +227,13 @@ def source_files(root: Path, paths: list[Path]) -> dict:
     return {"path": str(root.resolve()), "files": len(entries), "bytes": sum(e[1] for e in entries), "fingerprint": fp}
 
 
-def _cached(name: str, version: int, source: dict, decode) -> tuple[tuple[ImageSet, ImageSet], dict]:
+def _cached(name: str, version: int, source: dict, decode,
+            facts: Callable[[ImageSet, ImageSet], dict] | None = None) -> tuple[tuple[ImageSet, ImageSet], dict]:
     """The decoded sets of ``name`` from ``source`` (``source_files``), decoded once and then read from
     ``cache_dir()/datasets``: the cache file is keyed by the name, the decoder's ``version`` and the
     source (folder and fingerprint), so another copy of the data, or a changed file, is decoded anew
-    instead of silently reusing the first. An unreadable cache file is decoded anew too."""
+    instead of silently reusing the first. An unreadable cache file is decoded anew too. ``facts``,
+    if given, adds what it computes from the decoded sets to the provenance (stored with them)."""
     key = content_hash({"name": name, "version": version, "path": source["path"], "fingerprint": source["fingerprint"]})
     path = cache_dir() / "datasets" / f"{name}-{key}.safetensors"
     if path.exists():
@@ -241,7 +243,7 @@ def _cached(name: str, version: int, source: dict, decode) -> tuple[tuple[ImageS
         except Exception:  # a torn or foreign file (never unpickled: safetensors only): decode again
             pass
     train, test = decode()
-    prov = {"source": source, "digest": digest(train, test)}
+    prov = {"source": source, "digest": digest(train, test), **(facts(train, test) if facts else {})}
     save_tensors(path, {"train_x": train.x, "train_y": train.y, "test_x": test.x, "test_y": test.y},
                  metadata={"provenance": json.dumps(prov)})
     return (train, test), prov
@@ -525,6 +527,188 @@ def _idx(raw: Path, name: str) -> np.ndarray:
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+# ---------------------------------------------------------------- your own images: folder:PATH
+
+# The file names torchvision's ImageFolder takes for images (torchvision/datasets/folder.py, IMG_EXTENSIONS),
+# compared in lower case as it does; other files (a README, .DS_Store) are skipped.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def scan_folder(root: Path, label: str) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """(class names, ``{"train": [(file, label), ...], "test": [...]}``) of an image folder laid out as
+    ``root/train/<class>/...`` and ``root/test/<class>/...``, or a one-line ``BenchError`` naming ``label``.
+
+    As torchvision's ``ImageFolder``: the classes are the sorted names of the class folders, label i is the
+    i-th; images are found recursively under each class folder, in sorted order. Unlike it, folders whose
+    name starts with a dot (``.ipynb_checkpoints``) are not classes. Reads names only, no image.
+    """
+    expect = f"expected {root}/train/<class>/*.png (or .jpg, .jpeg, .ppm, .bmp, ...) and {root}/test/<class>/..."
+    if not root.exists():
+        raise BenchError(f"{label}: {root} does not exist; {expect}")
+    if not root.is_dir():
+        raise BenchError(f"{label}: {root} is not a folder; {expect}")
+    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        raise BenchError(f"{label}: {root} has no {' or '.join(f'{s}/' for s in missing)} folder; {expect}")
+    per_split: dict[str, dict[str, list[Path]]] = {}
+    for split in ("train", "test"):
+        found: dict[str, list[Path]] = {}
+        for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
+            if entry.is_dir() and not entry.name.startswith("."):
+                found[entry.name] = sorted(
+                    Path(folder) / n for folder, _, names in os.walk(entry.path, followlinks=True)
+                    for n in names if n.lower().endswith(IMG_EXTENSIONS))
+        per_split[split] = found
+    train, test = per_split["train"], per_split["test"]
+    if not any(files for found in per_split.values() for files in found.values()):
+        raise BenchError(f"{label}: no images at all under {root}/train or {root}/test "
+                         f"(looked for {', '.join(IMG_EXTENSIONS)} in class folders); {expect}")
+    if set(train) != set(test):
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise BenchError(f"{label}: train and test have different classes: only in train: {', '.join(only_train) or '-'}; "
+                         f"only in test: {', '.join(only_test) or '-'}; give both the same class folders")
+    empty = [f"{split}/{c}" for split, found in per_split.items() for c, files in found.items() if not files]
+    if empty:
+        raise BenchError(f"{label}: class folder(s) without images under {root}: {', '.join(empty)} "
+                         f"(images: {', '.join(IMG_EXTENSIONS)}); add images or remove the folder from both splits")
+    classes = sorted(train)
+    if len(classes) < 2:
+        raise BenchError(f"{label}: {root}/train has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2")
+    return classes, {split: [(f, i) for i, c in enumerate(classes) for f in found[c]] for split, found in per_split.items()}
+
+
+def channel_stats(x: torch.Tensor) -> dict:
+    """Per-channel ``mean`` and ``std`` (of all pixels, scaled to [0, 1]; rounded to 4 places) of uint8 images
+    ``[N, C, H, W]``, summed in chunks so no float copy of the whole set is made. A channel with no variation
+    gets std 1 (normalising by 0 would divide by zero)."""
+    c = x.shape[1]
+    s1, s2 = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    for chunk in x.split(1024):
+        f = chunk.to(torch.float64) / 255
+        s1 += f.sum((0, 2, 3))
+        s2 += (f * f).sum((0, 2, 3))
+    n = max(1, x.numel() // c)
+    mean = s1 / n
+    std = (s2 / n - mean**2).clamp_min(0).sqrt()
+    std = torch.where(std < 1 / 255, torch.ones_like(std), std)
+    return {"mean": [round(float(v), 4) for v in mean], "std": [round(float(v), 4) for v in std]}
+
+
+@dataclass(frozen=True)
+class ImageFolder(Dataset):
+    """Your own images, ``--dataset folder:PATH``: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``.
+
+    ``DATASETS.get("folder:PATH")`` reads the folder names (``scan_folder``: a missing folder, a missing
+    split, no images, classes that differ between the splits or an empty class fail there, on one line) and
+    makes a subclass holding the class names (``classes``) and their count. The images are decoded on the
+    first load, with PIL: each opened and converted (``mode``: RGB, or L for grayscale; PIL's ``convert``
+    from whatever mode the file has, alpha dropped), a file PIL cannot read fails naming it, then resized to
+    ``size`` x ``size`` (stretched, not cropped, as GTSRB's images are) with PIL's bilinear filter, which
+    has been antialiased (a convolution over every source pixel) when downscaling since Pillow 2.7.0
+    (its release notes, "Bicubic and bilinear downscaling"). The decoded uint8 sets are cached
+    (``_cached``) under the resolved folder, the size, the mode and the fingerprint of the files, so
+    another folder, another size or a changed file decodes anew.
+
+    Choices: images are RGB unless ``mode=L`` is set (explicit rather than guessed from the files, so the
+    model's input channels are known before any image is read). ``mean``/``std`` are the per-channel
+    statistics of the decoded training split (``channel_stats``, all of it, before ``train_subset``),
+    computed once with the decode and kept in the provenance, as the constants of CIFAR and GTSRB are
+    computed from their training sets; a fixed 0.5 would leave an unusual set badly scaled. Augmentation
+    is GTSRB's: a random crop with zero padding (``size // 8`` pixels, 4 at 32) and no flip, since a
+    flip can turn one class into another (signs, digits, text); ``flip=true`` adds it for sets, like
+    photographs of objects, whose classes are mirror-symmetric. The provenance (a record's ``data``)
+    carries ``classes``, ``mean`` and ``std`` beside the source and digest. The folder is named in the
+    dataset's name, so ``--data-dir`` does not apply to it.
+    """
+
+    paper: ClassVar[str] = ""
+    classes: ClassVar[tuple[str, ...]] = ()
+    root: ClassVar[Path]
+
+    size: int = param(32, low=8, high=1024, doc="images are resized to size x size (PIL, bilinear, antialiased)")
+    mode: Literal["RGB", "L"] = param("RGB", doc="RGB (3 channels) or L (grayscale, 1 channel), by PIL's convert")
+    flip: bool = param(False, doc="random horizontal flips in training (only where a mirrored image keeps its class)")
+
+    @property
+    def channels(self) -> int:  # type: ignore[override]
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def augmentation(self) -> Augmentation:  # type: ignore[override]
+        return Augmentation(pad=max(1, self.size // 8), flip=self.flip)
+
+    @property
+    def mean(self) -> tuple[float, ...]:  # type: ignore[override]
+        return tuple(self._loaded(None).provenance["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:  # type: ignore[override]
+        return tuple(self._loaded(None).provenance["std"])
+
+    def __reduce__(self):  # a worker process rebuilds the class from its name (the class is made at run time)
+        return (_folder_dataset, (type(self).name, self.to_dict()))
+
+    def _loaded(self, data_dir: str | None) -> Loaded:
+        return super()._loaded(None)  # the folder is in the name; --data-dir does not move it
+
+    def _load(self, root: Path) -> tuple[tuple[ImageSet, ImageSet], dict]:
+        folder = type(self).root
+        classes, files = scan_folder(folder, self.name)
+        if tuple(classes) != self.classes:
+            raise BenchError(f"{self.name}: the class folders changed while this process ran (now {', '.join(classes)}); run again")
+        s, c = self.size, self.channels
+
+        def decode() -> tuple[ImageSet, ImageSet]:
+            from PIL import Image
+
+            out = []
+            for split in ("train", "test"):
+                pairs = files[split]
+                arr = np.empty((len(pairs), s, s, c), dtype=np.uint8)
+                for i, (path, _) in enumerate(pairs):
+                    try:
+                        with Image.open(path) as im:
+                            small = im.convert(self.mode).resize((s, s), Image.Resampling.BILINEAR)
+                        arr[i] = np.asarray(small).reshape(s, s, c)
+                    except Exception as exc:
+                        why = " ".join(str(exc).split())
+                        raise BenchError(f"{self.name}: cannot read image {path} ({type(exc).__name__}: {why}); "
+                                         "replace or remove the file") from None
+                labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
+                out.append(ImageSet(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), labels))
+            return out[0], out[1]
+
+        return _cached(f"folder-{self.mode}{s}", 1, source_files(folder, [folder / "train", folder / "test"]), decode,
+                       facts=lambda train, test: {"classes": list(classes), **channel_stats(train.x)})
+
+
+def _folder_dataset(name: str, fields: dict) -> ImageFolder:
+    """A folder dataset rebuilt from its name and fields (``ImageFolder.__reduce__``)."""
+    return DATASETS.get(name)(**fields)
+
+
+def _folder_family(path: str) -> type[ImageFolder]:
+    """``folder:PATH``: an ``ImageFolder`` subclass for the folder ``PATH`` (``~`` expanded, resolved)."""
+    root = Path(path).expanduser().resolve()
+    classes, files = scan_folder(root, f"folder:{path}")
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    return type("ImageFolder_" + "".join(ch if ch.isalnum() else "_" for ch in root.name), (ImageFolder,), {
+        "__module__": __name__,
+        "root": root,
+        "classes": tuple(classes),
+        "num_classes": len(classes),
+        "description": f"your images from {root}: {len(classes)} classes ({shown}), "
+                       f"{len(files['train'])}/{len(files['test'])} train/test images",
+    })
+
+
+_folder_family.base = ImageFolder  # type: ignore[attr-defined]  (bench list datasets --fields shows its fields)
+DATASETS.register_family(
+    "folder", _folder_family,
+    "PATH (your images: PATH/train/<class>/*.png|jpg|jpeg|ppm|bmp and PATH/test/<class>/..., "
+    "resized to folder.size, 32 unless --set folder.size=N)")
 
 
 # ---------------------------------------------------------------- the clean defense subset

@@ -149,23 +149,30 @@ class GridSpec:
         if self.preset not in PRESETS:
             raise BenchError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         p: Preset = PRESETS[self.preset]
-        known = {"train", "run", *DATASETS.names(), *MODELS.names(), *ATTACKS.names(), *DEFENSES.names(), *DETECTORS.names()}
+        registries = (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS)
+        # A family's members (folder:PATH, whose name holds dots and slashes) take --set under the family's prefix.
+        known = {"train", "run", *(n for reg in registries for n in [*reg.names(), *reg.families])}
         for comp in self.overrides:
             if comp not in known:
                 raise BenchError(f"--set names unknown component {comp!r}; known: {', '.join(sorted(known))}")
-        ov = lambda name: self.overrides.get(name, {})  # noqa: E731
-        fields = lambda name: {**p.fields.get(name, {})}  # noqa: E731
+
+        def names(registry, name):  # where a component's settings are looked up, later ones winning
+            prefix, sep, _ = name.partition(":")
+            return [prefix, name] if sep and prefix in registry.families else [name]
+
+        ov = lambda *ns: {k: v for n in ns for k, v in self.overrides.get(n, {}).items()}  # noqa: E731
+        fields = lambda *ns: {k: v for n in ns for k, v in p.fields.get(n, {}).items()}  # noqa: E731
 
         def make(registry, name):
             cls = registry.get(name)
             base = getattr(cls, "settings_from", None)  # a detector that takes a defense's settings first
             if base:
                 return build(cls, {**ov(base), **ov(name)}, **fields(base), **fields(name))
-            return build(cls, ov(name), **fields(name))
+            return build(cls, ov(*names(registry, name)), **fields(*names(registry, name)))
 
         # Every component is built once here, so a bad name or value fails before any work.
         for name in self.overrides:
-            for reg in (DATASETS, MODELS, ATTACKS, DEFENSES, DETECTORS):
+            for reg in registries:
                 if name in reg:
                     make(reg, name)
         tcfg = build(TrainConfig, ov("train"), **dataclasses.asdict(p.train))
