@@ -342,9 +342,10 @@ def check(names, plugins) -> None:
     from defenses import DEFENSES
     from detectors import DETECTORS
 
+    from bench.plugins import load_plugin
+
     regs = {"attack": ATTACKS, "defense": DEFENSES, "detector": DETECTORS}
-    before = {k: set(r.names()) for k, r in regs.items()}
-    _load_plugins(plugins)
+    modules = {load_plugin(f).__name__ for f in plugins}
     if names:
         todo = []
         for n in names:
@@ -353,7 +354,7 @@ def check(names, plugins) -> None:
                 raise BenchError(f"{n!r} is no registered attack, defense or detector; see bench list")
             todo += [(k, n) for k in kinds]
     else:
-        todo = [(k, n) for k, r in regs.items() for n in r.names() if n not in before[k]]
+        todo = [(k, n) for k, r in regs.items() for n, cls in r.items() if getattr(cls, "__module__", None) in modules]
         if not todo:
             raise BenchError("nothing to check: give --plugin FILE.py that registers a component, or component names")
     failed = 0
