@@ -226,7 +226,7 @@ def grid_perf(attacks: list[str], defenses: list[str], preset: str = "demo", job
         finally:
             local.close()
         t0 = time.perf_counter()
-        with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
             out["dask_cluster_start_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             dask = DaskCluster(cluster.scheduler_address)

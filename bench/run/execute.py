@@ -328,10 +328,14 @@ class DaskCluster(Executor):
         token = secrets.token_hex(4)  # a rerun's keys never meet a dead driver's on the same scheduler
         futures: dict[str, Any] = {}
         by_future: dict[str, Task] = {}
-        for t in tasks:
+        for i, t in enumerate(tasks):
             fn, args = task_call(t, s)
+            # The graph's order as priority (models first, a clean reference before the attacks that need it),
+            # as LocalProcesses runs it: without one, Dask ran a ready cell before the clean reference and
+            # the reference -> trojan -> cells chain finished last (bench perf --grid, 2026-12-05).
             fut = self.client.submit(in_worker, fn, self.threads, env, None, *args, *[futures[d] for d in t.deps],
-                                     key=f"{t.key}-{token}", pure=False, resources={"GPU": 1} if self.gpu else None)
+                                     key=f"{t.key}-{token}", pure=False, resources={"GPU": 1} if self.gpu else None,
+                                     priority=len(tasks) - i)
             futures[t.key] = fut
             by_future[fut.key] = t
         children = _children(tasks)
