@@ -127,7 +127,7 @@ def run(attack_, defense, dataset, model, detect, **grid) -> None:
     from attacks import ATTACKS
 
     _load_plugins(grid["plugins"])
-    _grid(attacks=_split(attack_, ATTACKS, "attack"), defense=defense, dataset=dataset, model=model, detect=detect, **grid)
+    _grid(attacks=lambda: _split(attack_, ATTACKS, "attack"), defense=defense, dataset=dataset, model=model, detect=detect, **grid)
 
 
 _CHECKPOINT_HELP = ("CHECKPOINT: .safetensors, or .pt/.pth/.bin read with torch.load(weights_only=True) only; a state dict "
@@ -223,6 +223,7 @@ def _grid(*, attacks, defense, dataset, model, detect, preset, seeds, jobs, sche
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     jobs = 1 if cluster else _jobs(PRESETS[preset].jobs if jobs is None else jobs, dev)
+    attacks = attacks() if callable(attacks) else attacks  # checked after the preset line, as before
     defs = _split(defense, DEFENSES, "defense")
     if "none" in DEFENSES:  # the baseline row, always, once and first
         defs = ["none", *[d for d in defs if d != "none"]]
@@ -373,17 +374,52 @@ def check(names, plugins) -> None:
 @click.option("--quick", is_flag=True, help="a shorter measurement (less precise)")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="where to measure; cuda adds the paper preset's model, timed under bf16, as a share of the GPU's peak")
-def perf(json_path, quick, device) -> None:
+@click.option("--driver", is_flag=True, help="instead: the run driver's own cost per cell on large grids of stub tasks (bench.perf_grid)")
+@click.option("--cells", default="1000,10000", show_default=True, help="--driver: comma list of grid sizes, in cells")
+@click.option("--grid", is_flag=True, help="instead: one real grid by local processes and by a local Dask cluster, wall times")
+@click.option("--attack", "attack_", default="badnets,blend,trojan", show_default=True, help="--grid: comma list of attacks")
+@click.option("--defense", default="none,ft,rnp", show_default=True, help="--grid: comma list of defenses")
+@click.option("--preset", default="demo", show_default=True, help="--grid: the preset")
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(min=1), help="--grid: local processes, and Dask workers")
+@click.option("--set", "sets", multiple=True, help="--grid: component.field=value override (repeatable)")
+def perf(json_path, quick, device, driver, cells, grid, attack_, defense, preset, jobs, sets) -> None:
     """Measure how fast this machine runs the pipeline (ratios against baselines measured in the same run)."""
-    import torch
-
-    from bench.perf import format_table, run_perf
     from bench.store import write_json
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for but no CUDA device is available; allowed here: cpu")
-    result = run_perf(quick=quick, device=device)
-    click.echo(format_table(result))
+    if driver and grid:
+        raise BenchError("--driver and --grid are two measurements; give one")
+    if driver:
+        from bench.perf_grid import driver_perf, format_driver
+
+        try:
+            sizes = [int(c) for c in cells.split(",") if c.strip()]
+        except ValueError:
+            raise BenchError(f"--cells {cells!r} is not a comma list of counts; e.g. --cells 1000,10000") from None
+        if not sizes or min(sizes) < 1:
+            raise BenchError(f"--cells {cells!r} must name counts >= 1")
+        result = driver_perf(sizes)
+        for size in result["sizes"]:  # the consistency lists are for tests, not for the JSON file
+            for k in ("jsonl_cells", "planned_cells"):
+                size.pop(k)
+        click.echo(format_driver(result))
+    elif grid:
+        from attacks import ATTACKS
+        from bench.config import parse_sets
+        from bench.perf_grid import format_grid, grid_perf
+        from defenses import DEFENSES
+
+        result = grid_perf(_split(attack_, ATTACKS, "attack"), _split(defense, DEFENSES, "defense"), preset=preset,
+                           jobs=jobs, sets=parse_sets(sets), log=lambda m: click.echo(m))
+        click.echo(format_grid(result))
+    else:
+        import torch
+
+        from bench.perf import format_table, run_perf
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda was asked for but no CUDA device is available; allowed here: cpu")
+        result = run_perf(quick=quick, device=device)
+        click.echo(format_table(result))
     if json_path:
         write_json(json_path, result)
         click.echo(f"wrote {json_path}")

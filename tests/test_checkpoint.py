@@ -22,6 +22,27 @@ COMMON = ["--model", "smallcnn", "--dataset", "synthetic", "--preset", "demo", "
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_defense.py"
 
 
+@pytest.fixture(autouse=True)
+def _registries_restored():
+    """Plugins loaded here register components in this process: forget them afterwards (other test modules
+    iterate over the registries)."""
+    import bench.plugins
+    from attacks import ATTACKS
+    from bench.data import DATASETS
+    from defenses import DEFENSES
+    from detectors import DETECTORS
+
+    regs = (ATTACKS, DEFENSES, DETECTORS, MODELS, DATASETS)
+    saved = [dict(r._entries) for r in regs]
+    loaded = dict(bench.plugins._LOADED)
+    yield
+    for r, entries in zip(regs, saved):
+        r._entries.clear()
+        r._entries.update(entries)
+    bench.plugins._LOADED.clear()
+    bench.plugins._LOADED.update(loaded)
+
+
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 

@@ -27,7 +27,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -120,15 +120,22 @@ class Settings:
     ship: bool = False
     progress: bool = False  # a per-model training bar (in-process only)
     keep_models: bool = False  # defense cells return the defended weights (--save-defended)
+    # kind -> a task body with the real one's signature, in its place (``bench.perf_grid``'s stubs);
+    # a kind it does not name runs the real body (``TASKS``).
+    tasks: Mapping[str, Callable] | None = None
+
+
+TASKS: dict[str, Callable] = {"train": train_task, "defend": defend_task, "detect": detect_task}
 
 
 def task_call(task: Task, s: Settings) -> tuple[Callable, tuple]:
     """The function and leading arguments of ``task`` (its dependencies' results follow them)."""
+    fn = (s.tasks or TASKS).get(task.kind) or TASKS[task.kind]
     if task.kind == "train":
-        return train_task, (task.item, task.item.key, s.device, s.ship, s.progress)
+        return fn, (task.item, task.item.key, s.device, s.ship, s.progress)
     if task.kind == "defend":
-        return defend_task, (task.item, s.device, s.preset, s.keep_models)
-    return detect_task, (task.item, s.device, s.preset)
+        return fn, (task.item, s.device, s.preset, s.keep_models)
+    return fn, (task.item, s.device, s.preset)
 
 
 # ---------------------------------------------------------------- the three executors
@@ -327,10 +334,14 @@ class DaskCluster(Executor):
         token = secrets.token_hex(4)  # a rerun's keys never meet a dead driver's on the same scheduler
         futures: dict[str, Any] = {}
         by_future: dict[str, Task] = {}
-        for t in tasks:
+        for i, t in enumerate(tasks):
             fn, args = task_call(t, s)
+            # The graph's order as priority (models first, a clean reference before the attacks that need it),
+            # as LocalProcesses runs it: without one, Dask ran a ready cell before the clean reference and
+            # the reference -> trojan -> cells chain finished last (bench perf --grid, 2026-12-05).
             fut = self.client.submit(in_worker, fn, self.threads, env, None, *args, *[futures[d] for d in t.deps],
-                                     key=f"{t.key}-{token}", pure=False, resources={"GPU": 1} if self.gpu else None)
+                                     key=f"{t.key}-{token}", pure=False, resources={"GPU": 1} if self.gpu else None,
+                                     priority=len(tasks) - i)
             futures[t.key] = fut
             by_future[fut.key] = t
         children = _children(tasks)
@@ -431,6 +442,7 @@ def run_grid(
     log: Callable[[str], None] = print,
     detect: list[DetectCell] = (),
     save_defended: str | os.PathLike | None = None,
+    tasks: Mapping[str, Callable] | None = None,
 ) -> list[dict]:
     """Run ``cells`` (and the detection cells ``detect``) into ``out``; return this grid's removal records.
 
@@ -438,6 +450,7 @@ def run_grid(
     driver writes each record as its result arrives, so a kill at any moment loses no finished cell.
     ``save_defended``: a folder where the driver writes each defended model (``<cell>.safetensors``,
     atomically, before the cell's record); a finished cell whose file is missing there runs again.
+    ``tasks`` replaces task bodies by kind (``Settings.tasks``).
     """
     rd = RunDir(out)
     own = executor is None
@@ -450,13 +463,14 @@ def run_grid(
             if own:
                 executor = make_executor(jobs=jobs, device=device)
             return _drive(rd, cells, list(detect), executor, preset=preset, device=device, progress=progress, log=log,
-                          save_defended=Path(save_defended) if save_defended else None)
+                          save_defended=Path(save_defended) if save_defended else None, bodies=tasks)
         finally:
             if own and executor is not None:
                 executor.close()
 
 
-def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, progress, log, save_defended=None) -> list[dict]:
+def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, progress, log, save_defended=None,
+           bodies=None) -> list[dict]:
     order = [c.id for c in cells]
     rd.load()
     todo = [c for c in cells if not is_done(rd.records.get(c.id), c)
@@ -469,7 +483,8 @@ def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, pro
     tasks = graph(todo, todo_det)
     wanted = {train_key(c.job) for c in [*todo, *todo_det]}
     s = Settings(device, preset, ship=getattr(executor, "ship", False),
-                 progress=progress and isinstance(executor, InProcess), keep_models=save_defended is not None)
+                 progress=progress and isinstance(executor, InProcess), keep_models=save_defended is not None,
+                 tasks=bodies)
     bar = Progress(tasks, progress and not s.progress)
     rd.write_records(order)
     try:
