@@ -3,10 +3,31 @@
 ``Classifier`` wraps a network with the dataset's mean and std as buffers, so the
 input stage is the one place where normalisation happens, and a defense can treat
 the model as a black box over ``x / 255``. Any number of classes and input channels.
+
+Beside our own models, two families name architectures of other libraries (``MODELS.get``
+builds their spec on first use, see ``bench.registry``), wrapped in ``Classifier`` like ours:
+
+- ``torchvision:NAME``: any classification builder of ``torchvision.models``
+  (``list_models(module=torchvision.models)``), called with ``weights=None`` and the dataset's
+  ``num_classes``. A dataset with other than 3 channels (MNIST: 1) gets the model's first
+  ``Conv2d`` taking 3 channels replaced by the same convolution taking C (see
+  :func:`adapt_in_channels`): with no pretrained weights this is the architecture built for C
+  channels, as our own models are. GoogLeNet and Inception-v3 are built without their auxiliary
+  heads (their training-mode output is then the logits, as every model's here).
+- ``timm:NAME`` (``pip install 'bdbench[timm]'``): ``timm.create_model(NAME, pretrained=False,
+  num_classes=K, in_chans=C)``; timm adapts the stem to C channels itself.
+
+ImageNet architectures are built as they are; small images (32x32) go through them unchanged,
+so some cannot take them (AlexNet's pools shrink a 32x32 map to nothing, Inception-v3 needs
+75x75). :meth:`ModelSpec.check` runs one dry forward pass of two images of the dataset's size
+on the model the grid builds at plan time, so such a model fails on one line before any
+training, with the library's reason.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +35,7 @@ import torch
 from torch import nn
 
 from bench.config import Config, param
-from bench.registry import Registry
+from bench.registry import BenchError, Registry
 
 MODELS: Registry[type["ModelSpec"]] = Registry("model", entry_point_group="bdbench.models")
 
@@ -45,6 +66,31 @@ class ModelSpec(Config):
 
     def net(self, num_classes: int, in_channels: int) -> nn.Module:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def check(self, model: nn.Module, num_classes: int, channels: int, size: int, dataset: str = "") -> None:
+        """Raise a one-line ``BenchError`` if ``model`` (built by :meth:`build`) cannot classify the dataset's images.
+
+        One training-mode forward pass of two grey ``channels x size x size`` images, without gradient and
+        with the global RNG left as it was (dropout draws from it); the output must be logits ``[2, num_classes]``.
+        Training mode, because that is where a 1x1 map meets BatchNorm; its running statistics move, so the
+        grid calls this on a throwaway model (``bench.run.plan``), before any training.
+        """
+        where = f"model {getattr(self, 'name', type(self).__name__)} cannot take {dataset + ' ' if dataset else ''}" \
+                f"images of {channels}x{size}x{size}"
+        was_training = model.training
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                out = model(torch.full((2, channels, size, size), 0.5, device=next(model.buffers()).device))
+        except Exception as exc:  # whatever the library raises, on one line
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise BenchError(f"{where}: {type(exc).__name__}: {first}") from None
+        finally:
+            model.train(was_training)
+        if not torch.is_tensor(out) or tuple(out.shape) != (2, num_classes):
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise BenchError(f"{where}: it returns {got}, not logits of shape (2, {num_classes})")
 
 
 # ---------------------------------------------------------------- ResNet-18, CIFAR variant
@@ -193,3 +239,113 @@ class VGG16(ModelSpec):
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
         return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------- other libraries' architectures
+
+
+def _unknown(family: str, arch: str, known: list[str]) -> BenchError:
+    close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(f'{family}:{c}' for c in close)}?" if close else ""
+    return BenchError(f"{family} has no classification model {arch!r}{hint} ({len(known)} known, e.g. {family}:{known[0]})")
+
+
+def adapt_in_channels(net: nn.Module, in_channels: int) -> nn.Module:
+    """Replace, in place, the first ``Conv2d`` (module order) that takes 3 channels by the same convolution
+    taking ``in_channels``; its weight is the built one's, tiled or cut along the input channels, so each
+    element keeps the model's own initialisation. A no-op for 3 channels.
+
+    In torchvision 0.29 this convolution is the first one every classifier applies (checked on all 80 of
+    ``list_models(module=torchvision.models)`` with a hooked forward pass), and it has ``groups=1``; the dry
+    forward pass of :meth:`ModelSpec.check` confirms the adapted model on the dataset's images.
+    """
+    if in_channels == 3:
+        return net
+    for name, conv in net.named_modules():
+        if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
+            break
+    else:
+        raise BenchError(f"{type(net).__name__} has no Conv2d taking 3 channels to adapt to {in_channels}-channel images")
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        reps = math.ceil(in_channels / 3)
+        new.weight.copy_(conv.weight.repeat(1, reps, 1, 1)[:, :in_channels])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf, new)
+    return net
+
+
+def _rebuild(name: str, fields: dict) -> ModelSpec:
+    return MODELS.get(name)(**fields)
+
+
+@dataclass(frozen=True)
+class ForeignModel(ModelSpec):
+    """A family member (``torchvision:NAME``, ``timm:NAME``): a class made on first use, holding ``arch``.
+
+    Pickled as its full name and fields, so a worker process rebuilds it through ``MODELS`` (the class
+    itself exists only in the process that resolved the name)."""
+
+    arch: ClassVar[str] = ""
+
+    def __reduce__(self):
+        return _rebuild, (self.name, self.to_dict())
+
+
+def _member(base: type, arch: str, description: str) -> type:
+    return type(f"{base.__name__}[{arch}]", (base,), {"arch": arch, "description": description, "__module__": __name__})
+
+
+_TV_EXTRA = {"googlenet": {"aux_logits": False, "init_weights": True}, "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+@dataclass(frozen=True)
+class TorchvisionModel(ForeignModel):
+    paper: ClassVar[str] = "the architecture's paper, cited in torchvision.models (weights=None: trained from scratch)"
+
+    def net(self, num_classes: int, in_channels: int) -> nn.Module:
+        from torchvision import models as tvm  # importing torchvision takes seconds: only when used
+
+        net = tvm.get_model_builder(self.arch)(weights=None, num_classes=num_classes, **_TV_EXTRA.get(self.arch, {}))
+        return adapt_in_channels(net, in_channels)
+
+
+def torchvision_model(arch: str) -> type:
+    """``torchvision:ARCH``'s spec class, or a one-line ``BenchError`` with the closest names."""
+    from torchvision import models as tvm
+
+    known = tvm.list_models(module=tvm)
+    if arch not in known:
+        raise _unknown("torchvision", arch, known)
+    return _member(TorchvisionModel, arch, f"torchvision.models.{arch}, weights=None (ImageNet architecture as built)")
+
+
+@dataclass(frozen=True)
+class TimmModel(ForeignModel):
+    paper: ClassVar[str] = "the architecture's paper, cited in timm (pretrained=False: trained from scratch)"
+
+    def net(self, num_classes: int, in_channels: int) -> nn.Module:
+        return _timm().create_model(self.arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise BenchError("timm:NAME models need timm: pip install 'bdbench[timm]'") from None
+    return timm
+
+
+def timm_model(arch: str) -> type:
+    """``timm:ARCH``'s spec class, or a one-line ``BenchError`` (timm missing, or an unknown name with the closest)."""
+    timm = _timm()
+    if not timm.is_model(arch):
+        raise _unknown("timm", arch, timm.list_models())
+    return _member(TimmModel, arch, f"timm {arch}, pretrained=False (as built by timm.create_model)")
+
+
+MODELS.register_family("torchvision", torchvision_model, "resnet18 ... any torchvision.models classifier, weights=None")
+MODELS.register_family("timm", timm_model, "resnet18 ... any timm model, pretrained=False (pip install 'bdbench[timm]')")

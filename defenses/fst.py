@@ -12,6 +12,8 @@ pushes the new head away from the compromised one, which shifts the features the
 learns. After every optimiser step the head's weight is rescaled to the Frobenius norm of the
 original weight, so the penalty cannot be lowered by shrinking the head. The head is the model's
 last ``nn.Linear`` (``defenses.fp.last_linear``); the official code names it (``--linear_name``).
+On other libraries' models the same rule holds (torchvision's ResNets: ``net.fc``); one whose
+classifier is not an ``nn.Linear`` (torchvision's SqueezeNet ends in a 1x1 conv) is refused on one line.
 
 Everything runs through the shared trainer ``bench.train.train``; the penalty and the
 rescaling are one extension (:class:`HeadShift`: ``loss`` and ``after_step``).

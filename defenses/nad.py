@@ -26,13 +26,16 @@ many layers as there are betas (3), from a probe forward pass of one defense ima
   32x32 inputs). The official WRN-16-1 distils the outputs of its three residual groups (all its
   stages, so also its last three); like there, a pre-activation network's stage output is taken
   before its final BN-ReLU. BackdoorBench's ResNet-18 choice, layer3, layer4 and the pooled map,
-  is the one we avoid below.
+  is the one we avoid below. torchvision's and timm's ResNets (``--model torchvision:resnet18``)
+  name their stages the same way; at 32x32 their ImageNet stem leaves ``layer4`` at 1x1, so the
+  rule takes ``net.layer1/2/3`` (8x8, 4x4, 2x2).
 - any other model: module outputs are listed in the order their forward passes finish; a run of
   consecutive 4-D outputs with the same spatial size is one stage and its last module (the
   outermost, as a container finishes after its children) is the stage output. The last stages
   whose maps are larger than 1x1 are taken. ``smallcnn``: ``net.12`` (16x16, end of the second
   conv stage), ``net.19`` (8x8, end of the third), ``net.20`` (4x4, the pooled map the
-  classifier pools); ``vgg``: the last ReLU of conv stages 3, 4 and 5 (8x8, 4x4, 2x2).
+  classifier pools); ``vgg``: the last ReLU of conv stages 3, 4 and 5 (8x8, 4x4, 2x2). Any
+  other library's model (``torchvision:NAME``, ``timm:NAME``) goes by the same two rules.
 Every chosen map must be larger than 1x1: an attention map of one position normalises to 1 for
 every input and carries no signal (BackdoorBench's PreAct-ResNet18 NAD puts its third term on
 the pooled 1x1 map; we do not). Unknown names fail in :meth:`NAD.check`, before any work.

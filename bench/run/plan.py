@@ -208,9 +208,10 @@ class GridSpec:
             for a in atks:
                 if getattr(a, "target", 0) >= ds.num_classes:
                     raise BenchError(f"{a.name}.target={a.target} is out of range for {ds.name}; allowed: [0, {ds.num_classes - 1}]")
-        for ds in datasets:  # settings that name parts of a model (NAD's layers) are checked on a built one
+        for ds in datasets:  # the model takes the images (a dry forward pass); settings that name its parts (NAD's layers)
             for m in models:
                 net = m.build(ds.num_classes, ds.channels, ds.mean, ds.std)
+                m.check(net, ds.num_classes, ds.channels, ds.size, ds.name)
                 if self.checkpoint is not None:  # the checkpoint fits the architecture and the dataset, or one line here
                     load_into(net, self.checkpoint, ds.num_classes, ds.name, m.name)
                 for d in [*defs, *dets]:
