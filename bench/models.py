@@ -347,5 +347,5 @@ def timm_model(arch: str) -> type:
     return _member(TimmModel, arch, f"timm {arch}, pretrained=False (as built by timm.create_model)")
 
 
-MODELS.register_family("torchvision", torchvision_model, "resnet18 ... any torchvision.models classifier, weights=None")
-MODELS.register_family("timm", timm_model, "resnet18 ... any timm model, pretrained=False (pip install 'bdbench[timm]')")
+MODELS.register_family("torchvision", torchvision_model, "NAME (any torchvision.models classifier, e.g. resnet18; built with weights=None)")
+MODELS.register_family("timm", timm_model, "NAME (any timm model, e.g. resnet18; pretrained=False; needs pip install 'bdbench[timm]')")
