@@ -146,14 +146,16 @@ _CHECKPOINT_HELP = ("CHECKPOINT: .safetensors, or .pt/.pth/.bin read with torch.
               "for a network that takes [0, 1]; default: the dataset's (e.g. gtsrb 0.3403,0.3121,0.3214,0.2724,0.2608,0.2669)")
 @click.option("--save-defended", default=None, type=click.Path(file_okay=False), help="write each defended model to this folder "
               "as safetensors (<cell>.safetensors)")
+@click.option("--clean-data", default=None, help="the defense data: a folder of your clean images, FOLDER/<class>/*.png (a class "
+              "name of a folder: dataset, or an index 0..K-1); default: a draw from the dataset's training split")
 @_grid_options
-def defend(checkpoint, model, dataset, defense, attack_, detect, normalize, save_defended, **grid) -> None:
+def defend(checkpoint, model, dataset, defense, attack_, detect, normalize, save_defended, clean_data, **grid) -> None:
     """Apply defenses to your own model (a checkpoint): CA, and ASR/RA with --attack; the same records and reports as run.
 
     """ + _CHECKPOINT_HELP
     _load_plugins(grid["plugins"])
     _grid(attacks=_one_attack(attack_), defense=defense, dataset=dataset, model=model, detect=detect,
-          checkpoint=_checkpoint(checkpoint, normalize), save_defended=save_defended, **grid)
+          checkpoint=_checkpoint(checkpoint, normalize), save_defended=save_defended, clean_data=clean_data, **grid)
 
 
 @main.command()
@@ -164,14 +166,15 @@ def defend(checkpoint, model, dataset, defense, attack_, detect, normalize, save
 @click.option("--attack", "attack_", default=None, help="the attack it was trained with, if known: its trigger builds the "
               "triggered inputs, so input-level detection is scored")
 @click.option("--normalize", default=None, help="the mean,std it was trained with, or none; default: the dataset's")
+@click.option("--clean-data", default=None, help="the detectors' clean data: a folder FOLDER/<class>/*.png (class name or index)")
 @_grid_options
-def detect(checkpoint, model, dataset, detect, attack_, normalize, **grid) -> None:
+def detect(checkpoint, model, dataset, detect, attack_, normalize, clean_data, **grid) -> None:
     """Run detectors on your own model (a checkpoint): is it backdoored, which label, which inputs.
 
     """ + _CHECKPOINT_HELP
     _load_plugins(grid["plugins"])
     _grid(attacks=_one_attack(attack_), defense="none", dataset=dataset, model=model, detect=detect,
-          checkpoint=_checkpoint(checkpoint, normalize), **grid)
+          checkpoint=_checkpoint(checkpoint, normalize), clean_data=clean_data, **grid)
 
 
 def _one_attack(name: str | None) -> list[str]:
@@ -199,9 +202,9 @@ def _load_plugins(files) -> None:
 
 
 def _grid(*, attacks, defense, dataset, model, detect, preset, seeds, jobs, scheduler, scheduler_file, cache_mode, out,
-          data_dir, device, sets, quiet, plugins, checkpoint=None, save_defended=None) -> None:
+          data_dir, device, sets, quiet, plugins, checkpoint=None, save_defended=None, clean_data=None) -> None:
     from bench.config import parse_sets
-    from bench.data import DATASETS
+    from bench.data import DATASETS, CleanFolder
     from bench.models import MODELS
     from bench.presets import PRESETS
     from bench.report import markdown_table, write_reports
@@ -238,6 +241,7 @@ def _grid(*, attacks, defense, dataset, model, detect, preset, seeds, jobs, sche
         detectors=_split(detect, DETECTORS, "detect") if detect is not None else [],
         data_dir=data_dir,
         checkpoint=checkpoint,
+        clean_data=None if clean_data is None else CleanFolder.open(clean_data),
     )
     if data_dir is not None and not Path(data_dir).is_dir():
         raise BenchError(f"--data-dir {data_dir} is not a folder")

@@ -658,30 +658,80 @@ class ImageFolder(Dataset):
         classes, files = scan_folder(folder, self.name)
         if tuple(classes) != self.classes:
             raise BenchError(f"{self.name}: the class folders changed while this process ran (now {', '.join(classes)}); run again")
-        s, c = self.size, self.channels
+        s = self.size
 
         def decode() -> tuple[ImageSet, ImageSet]:
-            from PIL import Image
-
-            out = []
-            for split in ("train", "test"):
-                pairs = files[split]
-                arr = np.empty((len(pairs), s, s, c), dtype=np.uint8)
-                for i, (path, _) in enumerate(pairs):
-                    try:
-                        with Image.open(path) as im:
-                            small = im.convert(self.mode).resize((s, s), Image.Resampling.BILINEAR)
-                        arr[i] = np.asarray(small).reshape(s, s, c)
-                    except Exception as exc:
-                        why = " ".join(str(exc).split())
-                        raise BenchError(f"{self.name}: cannot read image {path} ({type(exc).__name__}: {why}); "
-                                         "replace or remove the file") from None
-                labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
-                out.append(ImageSet(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), labels))
-            return out[0], out[1]
+            train, test = (decode_images(files[split], s, self.mode, self.name) for split in ("train", "test"))
+            return train, test
 
         return _cached(f"folder-{self.mode}{s}", 1, source_files(folder, [folder / "train", folder / "test"]), decode,
                        facts=lambda train, test: {"classes": list(classes), **channel_stats(train.x)})
+
+
+def decode_images(pairs: list[tuple[Path, int]], size: int, mode: str, label: str) -> ImageSet:
+    """``(file, label)`` pairs decoded with PIL: converted to ``mode`` (RGB or L), resized to ``size`` x ``size``
+    (bilinear, antialiased when shrinking), as a uint8 ``ImageSet``; a file PIL cannot read fails on one line."""
+    from PIL import Image
+
+    c = 1 if mode == "L" else 3
+    arr = np.empty((len(pairs), size, size, c), dtype=np.uint8)
+    for i, (path, _) in enumerate(pairs):
+        try:
+            with Image.open(path) as im:
+                small = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            arr[i] = np.asarray(small).reshape(size, size, c)
+        except Exception as exc:
+            why = " ".join(str(exc).split())
+            raise BenchError(f"{label}: cannot read image {path} ({type(exc).__name__}: {why}); replace or remove the file") from None
+    labels = torch.tensor([lab for _, lab in pairs], dtype=torch.long)
+    return ImageSet(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+@dataclass(frozen=True)
+class CleanFolder:
+    """``--clean-data FOLDER``: the defender's own clean images, ``FOLDER/<class>/*``, instead of a draw from the
+    dataset's training split. A class folder is named by the dataset's class name (a ``folder:`` dataset) or by
+    its index (``0`` .. ``K-1``); images are decoded as the dataset's (its size and channels). Keyed by a
+    fingerprint of the files, so a changed folder recomputes the cells that used it."""
+
+    path: str
+    fingerprint: str
+    files: int
+
+    @classmethod
+    def open(cls, path: str) -> "CleanFolder":
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise BenchError(f"--clean-data {path} is not a folder; expected {path}/<class>/*.png (class name or index)")
+        src = source_files(root, [root])
+        if not src["files"]:
+            raise BenchError(f"--clean-data {path} holds no file; expected {path}/<class>/*.png (class name or index)")
+        return cls(str(root.resolve()), src["fingerprint"], src["files"])
+
+    @property
+    def facts(self) -> dict:
+        return {"path": self.path, "fingerprint": self.fingerprint}
+
+    def load(self, ds: "Dataset") -> ImageSet:
+        root = Path(self.path)
+        names = list(getattr(ds, "classes", ()) or ())
+        pairs = []
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            if entry.name in names:
+                label = names.index(entry.name)
+            elif entry.name.isdigit() and int(entry.name) < ds.num_classes:
+                label = int(entry.name)
+            else:
+                allowed = f"a class name ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) or " if names else ""
+                raise BenchError(f"--clean-data {self.path}: class folder {entry.name!r} is not a class of {ds.name}; "
+                                 f"allowed: {allowed}an index 0..{ds.num_classes - 1}")
+            pairs += [(Path(folder) / n, label) for folder, _, files in os.walk(entry.path)
+                      for n in sorted(files) if n.lower().endswith(IMG_EXTENSIONS)]
+        if not pairs:
+            raise BenchError(f"--clean-data {self.path}: no images in class folders (looked for {', '.join(IMG_EXTENSIONS)})")
+        return decode_images(pairs, ds.size, "L" if ds.channels == 1 else "RGB", f"--clean-data {self.path}")
 
 
 def _folder_dataset(name: str, fields: dict) -> ImageFolder:

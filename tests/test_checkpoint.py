@@ -248,3 +248,29 @@ def test_a_broken_plugin_fails_on_one_line_naming_the_file(tmp_path):
                                   "No module named 'no_such_module_here'")
     res = invoke("list", "defenses", "--plugin", str(tmp_path / "missing.py"))
     assert res.exit_code == 2 and "--plugin" in res.output and "no such Python file" in res.output
+
+
+def test_clean_data_from_a_folder_of_the_defenders_own_images(trained, tmp_path):
+    from PIL import Image
+
+    from bench.data import DATASETS
+
+    train, _ = DATASETS.get("synthetic")(n_train=300, n_test=100).load()
+    folder = tmp_path / "mine"
+    for i in range(30):  # class folders named by index; other sizes are resized to the dataset's
+        (folder / str(int(train.y[i]))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(train.x[i].permute(1, 2, 0).numpy()).resize((40, 40)).save(folder / str(int(train.y[i])) / f"{i}.png")
+    args = ["defend", str(trained["weights"]), *COMMON, "--defense", "shrink", "--plugin", str(EXAMPLE), "--out", str(tmp_path / "d"),
+            "--clean-data", str(folder)]
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    recs = records(tmp_path / "d")
+    assert all(r["info"]["defense_images"] == 30 and r["config"]["clean_data"]["path"] == str(folder.resolve()) for r in recs)
+    (folder / "0" / "extra.png").write_bytes((folder / "1" / next(iter(os.listdir(folder / "1")))).read_bytes()
+                                            if (folder / "1").exists() else b"")
+    res = invoke(*args)  # another file in the folder: another defense set, recomputed
+    assert res.exit_code == 0 and "resuming" not in res.output
+    (folder / "stop").mkdir()
+    res = invoke(*args)
+    assert res.exit_code == 2
+    assert "--clean-data" in res.output and "class folder 'stop' is not a class of synthetic; allowed: an index 0..9" in res.output

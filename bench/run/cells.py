@@ -186,6 +186,13 @@ def defense_data(train_set: ImageSet, attack: Attack, poison_idx: torch.Tensor, 
     return defense_subset(train_set, size, seed=seed, exclude=exclude)
 
 
+def cell_defense_data(cell: DefenseCell | DetectCell, train_set: ImageSet, attack: Attack, poison_idx: torch.Tensor) -> ImageSet:
+    """A cell's clean defense data: the ``--clean-data`` folder if given, else ``defense_data``'s draw."""
+    if cell.clean_data is not None:
+        return cell.clean_data.load(cell.job.dataset)
+    return defense_data(train_set, attack, poison_idx, cell.run.defense_data, cell.job.seed)
+
+
 def defense_pool(attack: Attack) -> str:
     """Which images ``defense_data`` draws from, as records store it: ``"unpoisoned"`` (the only
     rule before 2026-12-02, so a record without the field means it) or ``"all"`` (clean-label
@@ -229,6 +236,7 @@ def base_record(cell: DefenseCell, preset: str) -> dict:
             "run": cell.run.to_dict(),
             "model_key": j.key,
             "defense_pool": defense_pool(j.attack),
+            **({"clean_data": cell.clean_data.facts} if cell.clean_data is not None else {}),
         },
         "versions": versions(),
         "git": git_revision(),
@@ -245,6 +253,7 @@ def base_detect_record(cell: DetectCell, preset: str) -> dict:
         "seconds": {"detect": None}, "info": {}, "data": None,
         "config": {"preset": preset, **job_config(j), "detector": {"name": cell.detector.name, **cell.detector.to_dict()},
                    "run": cell.run.to_dict(), "model_key": j.key, "defense_pool": defense_pool(j.attack),
+                   **({"clean_data": cell.clean_data.facts} if cell.clean_data is not None else {}),
                    **({} if cell.detector.level == "model" else {"inputs_version": INPUTS_VERSION})},
         "versions": versions(), "git": git_revision(),
     }
@@ -334,7 +343,7 @@ def run_defense_cell(cell: DefenseCell, device: str, preset: str, backdoor: dict
     train_set, test_set = ds.load(job.data_dir)
     rec["data"] = job.data
     model, attack, poison_idx, triggered = load_model(job, device)
-    clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)
+    clean = cell_defense_data(cell, train_set, attack, poison_idx)
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
                          device=torch.device(device), bf16=job.train.bf16)
     rec["device"] = device_info(device)
@@ -388,7 +397,7 @@ def run_detect_cell(cell: DetectCell, device: str, preset: str, backdoor: dict |
     train_set, test_set = ds.load(job.data_dir)
     rec["data"] = job.data
     model, attack, poison_idx, triggered = load_model(job, device)
-    clean = defense_data(train_set, attack, poison_idx, cell.run.defense_data, job.seed)  # exactly what a defense of this model gets
+    clean = cell_defense_data(cell, train_set, attack, poison_idx)  # exactly what a defense of this model gets
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
                          device=torch.device(device), bf16=job.train.bf16)
     rec["device"] = device_info(device)

@@ -28,7 +28,7 @@ from attacks.base import ATTACKS, Attack
 from attacks.clean import Unknown
 from bench.checkpoint import Checkpoint, load_into
 from bench.config import Config, build, param
-from bench.data import DATASETS, Dataset, cache_dir, resolve_data_dir
+from bench.data import DATASETS, CleanFolder, Dataset, cache_dir, resolve_data_dir
 from bench.models import MODELS, ModelSpec
 from bench.presets import PRESETS, Preset
 from bench.registry import BenchError, slug
@@ -116,6 +116,7 @@ class DefenseCell:
     job: TrainJob
     defense: Defense
     run: RunConfig
+    clean_data: CleanFolder | None = None  # --clean-data: the defender's own images instead of a draw from the training split
 
     @property
     def id(self) -> str:
@@ -130,6 +131,7 @@ class DetectCell:
     job: TrainJob
     detector: Detector
     run: RunConfig
+    clean_data: CleanFolder | None = None
 
     @property
     def id(self) -> str:
@@ -158,6 +160,7 @@ class GridSpec:
     detectors: list[str] = field(default_factory=list)  # the detection track (--detect); empty: none
     data_dir: str | None = None  # --data-dir (None: $BENCH_DATA_DIR, else the cache's data folder)
     checkpoint: Checkpoint | None = None  # bench defend / detect: this model instead of training (attacks: [] or one)
+    clean_data: CleanFolder | None = None  # --clean-data: the defense data of every cell
 
     def plan(self) -> Plan:
         """The removal cells and the detection cells (one per model and detector), all validated."""
@@ -220,7 +223,11 @@ class GridSpec:
             raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
         jobs = [TrainJob(ds, m, a, tcfg, s, self.data_dir, self.checkpoint)
                 for ds in datasets for m in models for a in atks for s in self.seeds]
-        return Plan([DefenseCell(j, d, run) for j in jobs for d in defs], [DetectCell(j, d, run) for j in jobs for d in dets])
+        if self.clean_data is not None:  # its class folders fit every dataset: one line here, not in a cell
+            for ds in datasets:
+                self.clean_data.load(ds)
+        return Plan([DefenseCell(j, d, run, self.clean_data) for j in jobs for d in defs],
+                    [DetectCell(j, d, run, self.clean_data) for j in jobs for d in dets])
 
 
 def model_dir(job: TrainJob) -> Path:

@@ -151,7 +151,8 @@ def is_done(rec: dict | None, cell: DefenseCell | DetectCell) -> bool:
     if kind == "detector" and cell.detector.level != "model" and cfg.get("inputs_version") != INPUTS_VERSION:
         return False
     return (cfg.get("model_key") == cell.job.key and cfg.get(kind) == want[kind] and cfg.get("run") == want["run"]
-            and cfg.get("defense_pool", "unpoisoned") == defense_pool(cell.job.attack))
+            and cfg.get("defense_pool", "unpoisoned") == defense_pool(cell.job.attack)
+            and cfg.get("clean_data") == (cell.clean_data.facts if cell.clean_data is not None else None))
 
 
 def _as_stored(kind: str, comp, run) -> dict:
