@@ -51,6 +51,7 @@ PARTIAL_NOTE = "* some seeds of this cell failed; the value is over the others."
 NONE_NOTE = "none: the backdoored model before any defense."
 AVERAGE_NOTE = "† average over fewer attacks than the table has (the others failed or are missing)."
 NO_ASR_NOTE = "{}: no trigger, so ASR and RA are not defined (-); left out of the Average row."
+UNKNOWN_NOTE = "unknown: a checkpoint defended without --attack: its trigger is not known, so ASR and RA are not measured (-)."
 PLOTS = ("ca_vs_asr.png", "asr_before_after.png", "rnp_curve.png", "gallery.png")
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 
@@ -215,7 +216,11 @@ class Table:
         flat = [t for _, texts in self.rows() for t in texts]
         notes = [NONE_NOTE] if self.none_from_backdoor else []
         if self.no_asr:
-            notes.append(NO_ASR_NOTE.format(", ".join(self.no_asr)))
+            known = [a for a in self.no_asr if a != "unknown"]
+            if known:
+                notes.append(NO_ASR_NOTE.format(", ".join(known)))
+            if "unknown" in self.no_asr:
+                notes.append(UNKNOWN_NOTE)
         if any(t.endswith(PARTIAL_MARK) for t in flat):
             notes.append(PARTIAL_NOTE)
         if any(t.endswith(AVERAGE_MARK) for t in flat):
