@@ -99,3 +99,40 @@ def test_a_grid_its_resume_and_its_report_never_unpickle(unpickling_forbidden, t
     assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
     assert not marker.exists(), "the planted pickle ran"
     assert unpickling_forbidden == [], unpickling_forbidden
+
+
+def test_every_torch_load_in_the_project_passes_weights_only_true():
+    """A static check beside the runtime guard: no call of torch.load anywhere in the package without
+    weights_only=True (a future import path that the grid test does not reach would still be caught)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for pkg in ("bench", "attacks", "defenses", "detectors"):
+        for path in (root / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                    ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                             for k in node.keywords)
+                    calls.append((f"{path.relative_to(root)}:{node.lineno}", ok))
+    assert calls, "the scan finds the checkpoint reader's torch.load"
+    assert all(ok for _, ok in calls), [c for c, ok in calls if not ok]
+
+
+def test_defend_reads_a_checkpoint_without_unpickling_code(unpickling_forbidden, tmp_path):
+    """bench defend on a .pt checkpoint goes through torch.load(weights_only=True) only (the guard lets that
+    pass and records anything else); a planted code-running pickle is refused and does not run."""
+    from bench.models import MODELS
+
+    net = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.5,) * 3).net
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "ok.pt")
+    args = ["defend", "--model", "smallcnn", "--dataset", "synthetic", "--defense", "none", "--preset", "demo", "--jobs", "1",
+            "--quiet", *[f"--set={c}.{k}={v}" for c, kv in TINY.items() for k, v in kv.items()]]
+    res = CliRunner().invoke(main, [*args[:1], str(tmp_path / "ok.pt"), *args[1:], "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+    res = CliRunner().invoke(main, [*args[:1], str(tmp_path / "evil.pt"), *args[1:], "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "refused" in res.output
+    assert not marker.exists() and unpickling_forbidden == []
