@@ -354,3 +354,16 @@ def test_clp_sweep_and_u(sets):
         CLP(u=-1)
     with pytest.raises(BenchError):
         build(CLP, {"u": "many"})
+
+
+@pytest.mark.parametrize("field, want", [(True, {True}), (False, {False})])
+def test_anp_bf16_false_runs_the_masks_in_fp32_as_the_official_code(model, sets, monkeypatch, field, want):
+    """With a context that asks for bf16, anp.bf16=false turns the autocast off in every pass (the official
+    code's fp32); the default follows the context."""
+    import contextlib
+
+    seen = set()
+    monkeypatch.setattr(defenses.anp, "autocast", lambda device, enabled=True: seen.add(enabled) or contextlib.nullcontext())
+    c = DefenseContext(num_classes=10, augmentation=SYN.augmentation, seed=0, bf16=True)
+    ANP(max_epochs=1, bf16=field)(copy.deepcopy(model), sets[1], c)
+    assert seen == want
