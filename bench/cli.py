@@ -278,19 +278,25 @@ def _grid(*, attacks, defense, dataset, model, detect, preset, seeds, jobs, sche
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--compare", is_flag=True, help="also print our cells beside the published ones (results/reference/), with each side's direction")
-def report(run_dir, compare) -> None:
-    """Regenerate tables and plots from RUN_DIR/records.jsonl."""
+@click.option("--compare-defenses", "compare_defenses", default=None, metavar="A,B",
+              help="print on how many models each defense is better in ASR and in CA, the ties, and the Wilcoxon signed-rank p")
+def report(run_dir, compare, compare_defenses) -> None:
+    """Regenerate tables, plots and report/index.html from RUN_DIR/records.jsonl."""
     from bench.report import compare_markdown, load_records, markdown_table, write_reports
+    from bench.report.pairs import check_defenses, compare_defenses_text
 
     if not Path(run_dir).is_dir():
         raise BenchError(f"run folder {run_dir} does not exist")
+    records = load_records(run_dir)  # every check before anything in the run folder changes
+    names = check_defenses(records, compare_defenses) if compare_defenses is not None else None
     paths = write_reports(run_dir)
-    records = load_records(run_dir)
     click.echo(markdown_table(records))
     if "detection.md" in paths:
         click.echo(paths["detection.md"].read_text(encoding="utf-8"))
     if compare:
         click.echo(compare_markdown(records) or "no cell of this run matches a published reference table (results/reference/)")
+    if names:
+        click.echo(compare_defenses_text(records, names) + "\n")
     click.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
 
 

@@ -21,6 +21,11 @@ from bench.data import ImageSet
 from bench.train import predict
 
 
+def pct(v: float | None) -> str:
+    """A metric (a fraction) as percent text with one decimal; "-" when undefined (ASR of the clean model)."""
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
 @dataclass
 class TriggeredSet:
     """Triggered test images with their true labels and the labels the attack wants."""

@@ -584,7 +584,7 @@ def test_a_preset_sets_detector_and_run_fields_and_set_overrides_them():
 def test_the_trigger_table_and_csv_carry_all_three_triggers():
     """The report's trigger-recovery rows: the answer, the unlearned model's trigger and the baseline,
     each as the record has it (means over seeds); a record without the unlearned stage shows "-"."""
-    from bench.report_detect import detection_csv, detection_markdown
+    from bench.report.detection import detection_csv, detection_markdown
 
     def rec(attack, seed, **det):
         return {"dataset": "d", "model": "m", "attack": attack, "detector": "rnp_trigger", "level": "model", "seed": seed,

@@ -292,7 +292,8 @@ class FakeNC(Defense):
 
 
 def test_defense_tensors_are_saved_with_the_cell_and_shown_in_the_gallery(tmp_path):
-    from bench.report import _reversed_triggers, load_records, write_reports
+    from bench.report import load_records, write_reports
+    from bench.report.plots import _reversed_triggers
 
     run = tmp_path / "run"
     recs = run_grid(cells_with([FakeNC()]), run, preset="demo", progress=False, log=lambda s: None)

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -188,8 +189,8 @@ def test_plots_without_data_are_skipped_and_stale_ones_removed(tmp_path):
         f.unlink()
     write_run(tmp_path, [rec("badnets", "rnp", 0, status="failed"), rec("blend", "fp", 0, status="failed")])
     out = write_reports(run)
-    assert set(out) == {"table.md", "table.csv", "table.tex"}
-    assert sorted(p.name for p in (run / "report").iterdir()) == ["table.csv", "table.md", "table.tex"]
+    assert set(out) == {"table.md", "table.csv", "table.tex", "index.html"}
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["index.html", "table.csv", "table.md", "table.tex"]
     assert md_cells(out["table.md"].read_text())[("badnets", "rnp CA")] == "failed"
     assert md_cells(out["table.md"].read_text())[("Average", "fp CA")] == "failed"
 
@@ -277,3 +278,131 @@ def test_table_has_each_defenses_median_seconds_and_ratio_to_training():
     timing = md[md.index("### Seconds"):]
     assert "| ft | 3 | 20.0 | 0.20 | 0.50 |" in timing  # times 9, 20, 40 s; ratios 0.1, 0.2, 0.5
     assert "median 90 s over 3 models (min 80 s, max 100 s)" in timing
+
+
+# ---------------------------------------------------------------- statistics over seeds, DER, paired comparisons
+
+T_975_1 = 12.706204736174698  # Student's t, 97.5 % quantile, 1 degree of freedom (two seeds)
+
+
+def csv_by_cell(records):
+    return {(r["attack"], r["defense"]): r for r in csv_rows(records)}
+
+
+def test_csv_has_the_95_interval_and_der_per_cell_and_the_average_der_and_rank():
+    rows = csv_by_cell(hand_records())
+    rnp = rows[("badnets", "rnp")]
+    # CA 90 and 94: mean 92, std sqrt(8), half-width t * std / sqrt(2) = 12.7062 * 2
+    assert rnp["ca_mean"] == 92.0 and rnp["ca_std"] == pytest.approx(math.sqrt(8), abs=1e-4)
+    assert rnp["ca_ci_low"] == pytest.approx(92 - 2 * T_975_1, abs=1e-4)
+    assert rnp["ca_ci_high"] == pytest.approx(92 + 2 * T_975_1, abs=1e-4)
+    # DER per seed against that seed's none record: s0 (0.90 - 0.05 + 1) / 2 = 0.925, s1 (0.96 - 0.03 + 1) / 2 = 0.965
+    assert rnp["der_mean"] == pytest.approx(0.945, abs=1e-4)
+    assert rnp["der_std"] == pytest.approx(math.sqrt(2 * 0.02 ** 2), abs=1e-4)
+    assert rnp["der_ci_low"] == pytest.approx(0.945 - T_975_1 * 0.02, abs=1e-4)
+    fp = rows[("badnets", "fp")]  # one finished seed: (0.70 - 0.04 + 1) / 2; no std, no interval
+    assert (fp["der_mean"], fp["der_std"], fp["der_ci_low"], fp["ca_ci_low"]) == (pytest.approx(0.83), None, None, None)
+    assert rows[("badnets", "none")]["der_mean"] is None     # the baseline has no DER
+    assert rows[("blend", "rnp")]["der_mean"] is None        # no model before the defense to compare with
+    avg = {r["defense"]: r for r in csv_rows(hand_records()) if r["attack"] == "Average"}
+    assert avg["rnp"]["der_mean"] == pytest.approx(0.945, abs=1e-4)  # blend has no DER: the mean over badnets
+    assert (avg["rnp"]["der_mean_rank"], avg["fp"]["der_mean_rank"]) == (1.0, 2.0)
+
+
+def test_der_uses_backdoor_metrics_without_a_none_record_and_ties_share_a_rank():
+    bd = {"ca": 0.90, "asr": 1.0, "ra": 0.0}
+    recs = [rec("badnets", "ft", 0, 0.80, 0.00, 0.9, backdoor=bd),    # (1.0 - 0.10 + 1) / 2 = 0.95
+            rec("badnets", "fp", 0, 0.95, 0.10, 0.8, backdoor=bd),    # CA went up: no cost, (0.90 + 1) / 2 = 0.95
+            rec("badnets", "rnp", 0, 0.90, 0.60, 0.3, backdoor=bd),   # (0.40 + 1) / 2 = 0.70
+            rec("blend", "ft", 0, 0.90, 0.50, 0.3, backdoor=bd),      # 0.75
+            rec("blend", "fp", 0, 0.90, 0.90, 0.1, backdoor=bd),      # 0.55
+            rec("blend", "rnp", 0, 0.90, 0.00, 0.9, backdoor=bd),     # 1.0
+            rec("clean", "ft", 0, 0.90, None, None)]                  # no ASR: no DER, not ranked
+    rows = csv_by_cell(recs)
+    assert [rows[("badnets", d)]["der_mean"] for d in ("ft", "fp", "rnp")] == [pytest.approx(x) for x in (0.95, 0.95, 0.70)]
+    assert rows[("clean", "ft")]["der_mean"] is None
+    (t,) = build_tables(recs)
+    # badnets: ft and fp tie for 1-2 (1.5 each), rnp 3; blend: rnp 1, ft 2, fp 3
+    assert t.ranks() == {"ft": (1.75, 2), "fp": (2.25, 2), "rnp": (2.0, 2)}
+    md = markdown_table(recs)
+    assert "| ft | 0.950 | 0.750 | 0.850 | 1.75 |" in md and "arXiv:2206.12654" in md
+    tex = latex_table(recs)
+    assert r"ft & 0.950 & 0.750 & 0.850 & 1.75 \\" in tex
+
+
+def test_markdown_points_to_the_intervals_only_with_several_seeds():
+    assert "95 % confidence intervals" in markdown_table(hand_records())
+    assert "95 % confidence intervals" not in markdown_table([rec("badnets", "rnp", 0, 0.9, 0.1, 0.8)])
+
+
+def pair_records():
+    """rnp and anp on five comparable models, one where anp failed, and the clean model (no ASR)."""
+    pairs = {0: ((0.90, 0.05), (0.91, 0.10)), 1: ((0.92, 0.02), (0.92, 0.30)), 2: ((0.88, 0.20), (0.90, 0.10)),
+             3: ((0.93, 0.01), (0.89, 0.04))}
+    out = []
+    for seed, ((ca_r, asr_r), (ca_a, asr_a)) in pairs.items():
+        out += [rec("badnets", "rnp", seed, ca_r, asr_r, 0.5), rec("badnets", "anp", seed, ca_a, asr_a, 0.5)]
+    out += [rec("blend", "rnp", 0, 0.85, 0.15, 0.5), rec("blend", "anp", 0, 0.88, 0.15, 0.5),
+            rec("badnets", "rnp", 4, 0.90, 0.03, 0.5), rec("badnets", "anp", 4, status="failed"),
+            rec("clean", "rnp", 0, 0.95, None, None), rec("clean", "anp", 0, 0.94, None, None),
+            rec("badnets", "fp", 0, 0.9, 0.5, 0.4)]
+    return out
+
+
+def test_compare_defenses_counts_and_wilcoxon_against_a_hand_computation(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    run = write_run(tmp_path, pair_records())
+    res = CliRunner().invoke(main, ["report", str(run), "--compare-defenses", "rnp,anp"])
+    assert res.exit_code == 0, res.output
+    # 5 models (badnets s0-s3, blend s0). ASR, lower is better: rnp wins s0, s1, s3, anp s2, blend ties.
+    # Signed differences 0.05, 0.28, -0.10, 0.03 (tie dropped): ranks 2, 4, 3, 1, W- = 3; exact two-sided
+    # p = 2 * #{subsets of {1,2,3,4} with sum <= 3} / 16 = 2 * 5 / 16.
+    assert "rnp vs anp on 5 models" in res.output
+    assert "ASR (lower is better): rnp better on 3, anp better on 1, ties 1; Wilcoxon signed-rank p = 0.625" in res.output
+    # CA: differences -0.01, 0 (s1 ties), -0.02, +0.04, -0.03: W+ = 4, p = 2 * 7 / 16
+    assert "CA (higher is better): rnp better on 1, anp better on 3, ties 1; Wilcoxon signed-rank p = 0.875" in res.output
+    assert (run / "report" / "index.html").is_file()
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, args, match", [
+    ("no records", [], r"no records at .*records\.jsonl"),
+    ("torn line", [], r"line 2 is not valid JSON"),
+    ("foreign line", [], r"line 2 is not a record of this benchmark \(dataset, seed of the wrong type\)"),
+    ("foreign keys", [], r"line 1 lacks dataset, model, attack, defense, seed, status"),
+    ("missing defense", ["--compare-defenses", "rnp,nad"], r"this run has no nad; its defenses: rnp, anp, fp"),
+    ("one defense", ["--compare-defenses", "rnp"], r"needs two defenses or more.*this run has: rnp, anp, fp"),
+])
+def test_report_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, case, args, match):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    good = "".join(json.dumps(r) + "\n" for r in pair_records())
+    first = good.splitlines(keepends=True)[0]
+    text = {"no records": None, "torn line": first + good[: len(good) // 3].splitlines()[-1],
+            "foreign line": first + json.dumps({**json.loads(first), "dataset": 7, "seed": "0"}) + "\n",
+            "foreign keys": '{"model_key": "abc", "bytes": 12}\n' + good}.get(case, good)
+    run = tmp_path / "run"
+    run.mkdir()
+    if text is not None:
+        (run / "records.jsonl").write_text(text)
+    before = snapshot(run)
+    res = CliRunner().invoke(main, ["report", str(run), *args])
+    assert res.exit_code == 2, res.output
+    assert len(res.output.strip().splitlines()) == 1 and re.search(match, res.output), res.output
+    assert snapshot(run) == before and not (run / "report").exists()
+
+
+def test_a_torn_detections_file_fails_before_any_report_file_is_written(tmp_path):
+    run = write_run(tmp_path, hand_records())
+    (run / "detections.jsonl").write_text('{"dataset": "synthetic", "model": "m", "attack": "badnets", "detector": "nc", "seed": 0, "status": "ok"}\n{"data')
+    with pytest.raises(BenchError, match=r"detections\.jsonl: line 2 is not valid JSON"):
+        write_reports(run)
+    assert not (run / "report").exists()

@@ -33,6 +33,7 @@ import torch
 
 from bench.data import cache_dir
 from bench.detect import NOT_APPLICABLE
+from bench.metrics import pct
 from bench.registry import BenchError, slug
 from bench.run.cells import defend_task, detect_task, failed_record, train_task
 from bench.run.plan import DefenseCell, DetectCell, Task, TrainJob, graph, model_dir, train_key
@@ -514,7 +515,7 @@ def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, 
             install_model(job, result["files"])
         meta = result["meta"]
         m = meta["metrics"]
-        log(f"{what} {job.label}: CA {_pct(m['ca'])}  ASR {_pct(m['asr'])}  ({meta['train']['seconds']:.0f} s)")
+        log(f"{what} {job.label}: CA {pct(m['ca'])}  ASR {pct(m['asr'])}  ({meta['train']['seconds']:.0f} s)")
         example = rd.path / "examples" / f"{slug(job.dataset.name)}-{job.attack.name}.safetensors"
         if task.key in wanted and not example.exists():
             save_tensors(example, load_tensors(model_dir(job) / "example.safetensors"))
@@ -540,7 +541,7 @@ def _line(rec: dict) -> str:
         return f"{rec['cell']}: FAILED {rec['error']}"
     if "defense" in rec:
         m = rec["metrics"]
-        return f"{rec['cell']}: CA {_pct(m['ca'])}  ASR {_pct(m['asr'])}  RA {_pct(m['ra'])}  (defense {rec['seconds']['defense']:.1f} s)"
+        return f"{rec['cell']}: CA {pct(m['ca'])}  ASR {pct(m['asr'])}  RA {pct(m['ra'])}  (defense {rec['seconds']['defense']:.1f} s)"
     d = rec["detection"]
     if rec["level"] == "model":
         return (f"{rec['cell']}: label {d['label']}  score {d['score']:.3g}  "
@@ -548,8 +549,3 @@ def _line(rec: dict) -> str:
                 f"{rec['seconds']['detect']:.1f} s)")
     return (f"{rec['cell']}: AUROC {d['auroc']:.3f}  TPR@5%FPR {d['tpr_at_5fpr']:.3f}  P@k {d['precision_at_k']:.3f}  "
             f"({d['poisoned']} of {d['inputs']} {d['source']} inputs poisoned; {rec['seconds']['detect']:.1f} s)")
-
-
-def _pct(v: float | None) -> str:
-    """A metric for the log: percent with one decimal, "-" when undefined (ASR of the clean model)."""
-    return "-" if v is None else f"{100 * v:.1f}"

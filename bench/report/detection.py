@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 
 from bench.detect import auroc, roc_points
+from bench.metrics import pct
 from bench.registry import slug
+from bench.report.records import load_detections
+from bench.report.render import figure, ordered, save_png, series_style, tex_escape
 from bench.store import atomic_write_text
 
 DETECTION_FILES = ("detection.md", "detection.csv", "detection.tex", "roc.png", "triggers.png")
@@ -38,18 +40,6 @@ TRIGGER_KEYS = ("trigger_asr", "iou", "unlearned_trigger_asr", "unlearned_iou", 
 CSV_COLUMNS = ["dataset", "model", "attack", "detector", "level", "seed", "status", "backdoored", "target", "model_asr",
                "label", "label_correct", "score", "source", "inputs", "poisoned", "auroc", "tpr_at_5fpr", "precision_at_k",
                *TRIGGER_KEYS, "seconds"]
-
-
-def load_detections(run_dir: str | Path) -> list[dict]:
-    """The detection records of a run (``detections.jsonl``; [] when there is none)."""
-    path = Path(run_dir) / "detections.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _ordered(xs) -> list:
-    return list(dict.fromkeys(xs))
 
 
 def model_level(dets: list[dict]) -> list[dict]:
@@ -60,9 +50,9 @@ def summary(dets: list[dict]) -> list[dict]:
     """One row per (dataset, model, model-level detector): label accuracy, AUROC, counts, median seconds."""
     dets = model_level(dets)
     rows = []
-    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+    for ds, model in ordered((d["dataset"], d["model"]) for d in dets):
         group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model)]
-        for name in _ordered(d["detector"] for d in group):
+        for name in ordered(d["detector"] for d in group):
             ok = [d for d in group if d["detector"] == name and d["status"] == "ok"]
             neg = [d["detection"]["score"] for d in ok if d["truth"]["backdoored"] is False]
             row = {"dataset": ds, "model": model, "detector": name}
@@ -82,16 +72,12 @@ def summary(dets: list[dict]) -> list[dict]:
     return rows
 
 
-IMPLANTED = 0.2  # a backdoored model counts as implanted when its own ASR is above 20 % (report.REMOVED)
+IMPLANTED = 0.2  # a backdoored model counts as implanted when its own ASR is above 20 % (compare.REMOVED)
 
 
 def implanted(d: dict) -> bool:
     asr = d["truth"].get("asr")
     return asr is not None and asr > IMPLANTED
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def _num(x: float | None, fmt: str = ".2f") -> str:
@@ -100,9 +86,9 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 def _per_attack(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
     group = [d for d in model_level(dets) if (d["dataset"], d["model"]) == (ds, model)]
-    names = _ordered(d["detector"] for d in group)
+    names = ordered(d["detector"] for d in group)
     rows = []
-    for atk in _ordered(d["attack"] for d in group):
+    for atk in ordered(d["attack"] for d in group):
         texts = []
         for name in names:
             ok = [d for d in group if d["attack"] == atk and d["detector"] == name and d["status"] == "ok"]
@@ -113,7 +99,7 @@ def _per_attack(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[
             texts.append(f"{sum(graded)}/{len(graded)}" if graded else "-")
             texts.append(f"{statistics.mean(d['detection']['score'] for d in ok):.3g}")
         asrs = [d["truth"].get("asr") for d in group if d["attack"] == atk and d["truth"].get("asr") is not None]
-        rows.append((atk, _pct(statistics.mean(asrs)) if asrs else "-", texts))
+        rows.append((atk, pct(statistics.mean(asrs)) if asrs else "-", texts))
     return names, rows
 
 
@@ -126,9 +112,9 @@ MIX_NOTE = ("‡ scored on a test-time mix of clean and triggered test images, s
 def _sample_rows(dets: list[dict], ds: str, model: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """Per attack, per sample/input-level detector: "AUROC / TPR@5%FPR / P@k" (means over seeds)."""
     group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d.get("level", "model") != "model"]
-    names = _ordered(d["detector"] for d in group)
+    names = ordered(d["detector"] for d in group)
     rows = []
-    for atk in _ordered(d["attack"] for d in group):
+    for atk in ordered(d["attack"] for d in group):
         texts = []
         for name in names:
             cell = [d for d in group if d["attack"] == atk and d["detector"] == name]
@@ -150,13 +136,13 @@ def _trigger_rows(dets: list[dict], ds: str, model: str) -> list[tuple[str, str,
     out = []
     group = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d["status"] == "ok"
              and "trigger_asr" in (d.get("detection") or {})]
-    for name in _ordered(d["detector"] for d in group):
-        for atk in _ordered(d["attack"] for d in group if d["detector"] == name):
+    for name in ordered(d["detector"] for d in group):
+        for atk in ordered(d["attack"] for d in group if d["detector"] == name):
             ok = [d for d in group if d["detector"] == name and d["attack"] == atk]
             texts = []
             for k in TRIGGER_KEYS:
                 v = [d["detection"].get(k) for d in ok if d["detection"].get(k) is not None]
-                texts.append((_pct(statistics.mean(v)) if "asr" in k else _num(statistics.mean(v))) if v else "-")
+                texts.append((pct(statistics.mean(v)) if "asr" in k else _num(statistics.mean(v))) if v else "-")
             out.append((name, atk, texts))
     return out
 
@@ -164,7 +150,7 @@ def _trigger_rows(dets: list[dict], ds: str, model: str) -> list[tuple[str, str,
 def detection_markdown(dets: list[dict]) -> str:
     parts = []
     rows = summary(dets)
-    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+    for ds, model in ordered((d["dataset"], d["model"]) for d in dets):
         trig = _trigger_rows(dets, ds, model)
         if not trig:
             continue
@@ -182,7 +168,7 @@ def detection_markdown(dets: list[dict]) -> str:
                      "(rnp_trigger's refine=true; - in the unlearned columns otherwise). Unlearned model's trigger: "
                      "that first search's. Baseline: the same optimiser, label and total budget against the "
                      "backdoored model alone, from a random start.\n")
-    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+    for ds, model in ordered((d["dataset"], d["model"]) for d in dets):
         names, per = _sample_rows(dets, ds, model)
         if not per:
             continue
@@ -194,15 +180,15 @@ def detection_markdown(dets: list[dict]) -> str:
         parts.append("")
         parts.append("Each cell: AUROC / TPR at 5 % FPR / precision at the true poison count, means over seeds; n/a: "
                      "nothing to detect (the clean model) or the poisoned set cannot be rebuilt from the cache. " + MIX_NOTE + "\n")
-    for ds, model in _ordered((r["dataset"], r["model"]) for r in rows):
+    for ds, model in ordered((r["dataset"], r["model"]) for r in rows):
         parts.append(f"### Detection: {ds} / {model}\n")
         parts.append("| detector | label accuracy | AUROC | backdoored / clean models | label accuracy, implanted "
                      "| AUROC, implanted | implanted models | median s |")
         parts.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in (r for r in rows if (r["dataset"], r["model"]) == (ds, model)):
             fail = f" ({r['failed']} failed)" if r["failed"] else ""
-            parts.append(f"| {r['detector']}{fail} | {_pct(r['label_acc'])} ({r['label_n']}) | {_num(r['auroc'])} | "
-                         f"{r['n_backdoored']} / {r['n_clean']} | {_pct(r['label_acc_implanted'])} "
+            parts.append(f"| {r['detector']}{fail} | {pct(r['label_acc'])} ({r['label_n']}) | {_num(r['auroc'])} | "
+                         f"{r['n_backdoored']} / {r['n_clean']} | {pct(r['label_acc_implanted'])} "
                          f"({r['label_n_implanted']}) | {_num(r['auroc_implanted'])} | {r['n_backdoored_implanted']} | "
                          f"{_num(r['median_s'], '.1f')} |")
         names, per = _per_attack(dets, ds, model)
@@ -241,19 +227,17 @@ def detection_csv(dets: list[dict]) -> str:
 
 
 def detection_latex(dets: list[dict]) -> str:
-    from bench.report_style import tex_escape
-
     lines = []
-    for ds, model in _ordered((d["dataset"], d["model"]) for d in model_level(dets)):
+    for ds, model in ordered((d["dataset"], d["model"]) for d in model_level(dets)):
         lines += [f"% Detection: {ds} / {model}", r"\begin{tabular}{lcccccc}", r"\toprule",
                   r"Detector & Label acc. (\%) & AUROC & Backdoored / clean & Label acc., implanted & AUROC, implanted "
                   r"& Median s \\", r"\midrule"]
         for r in (r for r in summary(dets) if (r["dataset"], r["model"]) == (ds, model)):
-            lines.append(f"{tex_escape(r['detector'])} & {_pct(r['label_acc'])} ({r['label_n']}) & {_num(r['auroc'])} & "
-                         f"{r['n_backdoored']} / {r['n_clean']} & {_pct(r['label_acc_implanted'])} "
+            lines.append(f"{tex_escape(r['detector'])} & {pct(r['label_acc'])} ({r['label_n']}) & {_num(r['auroc'])} & "
+                         f"{r['n_backdoored']} / {r['n_clean']} & {pct(r['label_acc_implanted'])} "
                          f"({r['label_n_implanted']}) & {_num(r['auroc_implanted'])} & {_num(r['median_s'], '.1f')} \\\\")
         lines += [r"\bottomrule", r"\end{tabular}", ""]
-    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+    for ds, model in ordered((d["dataset"], d["model"]) for d in dets):
         names, per = _sample_rows(dets, ds, model)
         if not per:
             continue
@@ -268,14 +252,12 @@ def detection_latex(dets: list[dict]) -> str:
 
 def plot_roc(dets: list[dict], path: Path) -> Path | None:
     """ROC curves of model-level detectors; None when no (dataset, model) has both kinds of model."""
-    from bench.report_style import figure, save_png, series_style
-
     panels = []
     dets = model_level(dets)
-    for ds, model in _ordered((d["dataset"], d["model"]) for d in dets):
+    for ds, model in ordered((d["dataset"], d["model"]) for d in dets):
         curves = []
         ok = [d for d in dets if (d["dataset"], d["model"]) == (ds, model) and d["status"] == "ok"]
-        for i, name in enumerate(_ordered(d["detector"] for d in ok)):
+        for i, name in enumerate(ordered(d["detector"] for d in ok)):
             pos = [d["detection"]["score"] for d in ok if d["detector"] == name and d["truth"]["backdoored"]]
             neg = [d["detection"]["score"] for d in ok if d["detector"] == name and d["truth"]["backdoored"] is False]
             if pos and neg:
@@ -302,7 +284,6 @@ TRIGGER_PANELS = (("", "recovered", "trigger_asr"), ("unlearned_", "unlearned mo
 def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
     """Per attack with a recovered trigger: the true trigger (amplified difference of the run's example
     pair), the recovered mask x pattern, the unlearned model's (where the detector keeps it), and the baseline's."""
-    from bench.report_style import figure, save_png
     from bench.store import load_tensors
 
     rows = []
@@ -328,7 +309,7 @@ def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
         ax.axis("off")
     for i, (title, true, rec, det) in enumerate(rows):
         panels = [("true trigger (amplified)", true)]
-        panels += [(f"{lab}: ASR {_pct(det.get(k))}", img) for lab, k, img in rec]
+        panels += [(f"{lab}: ASR {pct(det.get(k))}", img) for lab, k, img in rec]
         for j, (lab, img) in enumerate(panels):
             ax = axes[cols * i + j]
             ax.axis("on")
@@ -338,10 +319,12 @@ def plot_triggers(run_dir: Path, dets: list[dict], path: Path) -> Path | None:
     return save_png(fig, path)
 
 
-def write_detection_reports(run_dir: str | Path) -> dict[str, Path]:
-    """Write the detection files into ``RUN_DIR/report/``; {} (and no stale files) without detections."""
+def write_detection_reports(run_dir: str | Path, dets: list[dict] | None = None) -> dict[str, Path]:
+    """Write the detection files into ``RUN_DIR/report/``; {} (and no stale files) without detections.
+
+    ``dets``: the run's detection records when the caller has loaded them already."""
     out = Path(run_dir) / "report"
-    dets = load_detections(run_dir)
+    dets = load_detections(run_dir) if dets is None else dets
     written: dict[str, Path] = {}
     if dets:
         out.mkdir(parents=True, exist_ok=True)
