@@ -14,8 +14,9 @@ commit 23539e2), which BackdoorBench wraps (``defense/AC/ac.py``; ``config/defen
   824, not of the class). Activations of at most ``nb_dims`` dimensions are not reduced (line 800).
 - The reduced activations are split into 2 clusters by scikit-learn's ``KMeans(n_clusters=2)``,
   ``fit_predict`` (lines 793, 818): k-means++ starts, Lloyd iterations, best of ``n_init`` by
-  inertia. ART passes no ``n_init``: it gets scikit-learn's default, 10 until scikit-learn 1.4
-  (the versions BackdoorBench ran) and "auto" (a single k-means++ start) since; 10 here.
+  inertia. ART passes no ``n_init``: it gets scikit-learn's default, 10 before scikit-learn 1.4
+  (January 2024, after BackdoorBench's 2022 AC code) and "auto" (a single k-means++ start) since;
+  10 here.
 - "smaller" analysis: in every label the smaller cluster is the suspected poison
   (``clustering_analyzer.py``, ``analyze_by_size``, line 77).
 
@@ -86,7 +87,7 @@ class ActivationClustering(Detector):
     nb_dims: int = param(10, low=1, doc="dimensions after reduction (BackdoorBench / ART 10)")
     reduce: Literal["PCA", "FastICA"] = param("PCA", doc="dimension reduction (ART's ActivationDefence: PCA)")
     size_threshold: float = param(0.35, low=0.0, high=1.0, doc="info['flagged']: a smaller cluster below this share of its label (ART relative-size 0.35)")
-    n_init: int = param(10, low=1, doc="k-means starts, best inertia kept (scikit-learn's default before 1.4, under ART)")
+    n_init: int = param(10, low=1, doc="k-means starts, best inertia kept (scikit-learn's default before 1.4, which ART relies on)")
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:
