@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from bench.data import ImageSet
@@ -162,23 +163,46 @@ def precision_at_k(scores: torch.Tensor, truth_mask: torch.Tensor) -> float | No
     return float(truth_mask[top].double().mean())
 
 
+def _scored(positives: Sequence[float], negatives: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(truth 1/0, scores) for scikit-learn; ±inf become ranks (an ROC curve depends only on the scores' order,
+    ties kept), since scikit-learn refuses non-finite scores; NaN is an error (it has no place in an order)."""
+    from scipy.stats import rankdata
+
+    scores = np.concatenate([np.asarray(positives, dtype=np.float64).ravel(), np.asarray(negatives, dtype=np.float64).ravel()])
+    if np.isnan(scores).any():
+        raise ValueError("a detection score is NaN: it cannot be ranked")
+    if not np.isfinite(scores).all():
+        scores = rankdata(scores)
+    y = np.zeros(len(scores), dtype=np.int8)
+    y[: len(positives)] = 1
+    return y, scores
+
+
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties count half.
 
+    scikit-learn's ``roc_auc_score`` (the trapezoidal area under ``roc_curve``, which is that
+    probability with ties counted half), in O(n log n) time and O(n) memory: no pairwise matrix.
     None when either side is empty (the AUROC is not defined without both kinds of model).
     """
-    if not positives or not negatives:
+    if len(positives) == 0 or len(negatives) == 0:
         return None
-    pos = torch.tensor(list(positives), dtype=torch.float64)[:, None]
-    neg = torch.tensor(list(negatives), dtype=torch.float64)[None, :]
-    return float(((pos > neg).double() + 0.5 * (pos == neg).double()).mean())
+    from sklearn.metrics import roc_auc_score  # imported here: the CLI starts without scikit-learn
+
+    return float(roc_auc_score(*_scored(positives, negatives)))
 
 
-def roc_points(positives: Sequence[float], negatives: Sequence[float]) -> tuple[list[float], list[float]]:
-    """(false positive rates, true positive rates) of every threshold, from (0, 0) to (1, 1)."""
-    scores = sorted({*positives, *negatives}, reverse=True)
-    fpr, tpr = [0.0], [0.0]
-    for t in scores:
-        tpr.append(sum(s >= t for s in positives) / len(positives))
-        fpr.append(sum(s >= t for s in negatives) / len(negatives))
-    return fpr, tpr
+def roc_points(positives: Sequence[float], negatives: Sequence[float]) -> tuple[list[float], list[float]] | None:
+    """(false positive rates, true positive rates) of every threshold, from (0, 0) to (1, 1).
+
+    scikit-learn's ``roc_curve`` with ``drop_intermediate=False``: one point per distinct score, an input
+    flagged when its score is at least the threshold, after the (0, 0) of a threshold above every score
+    (no point dropped: the report draws the curve as steps, which collinear points change).
+    None when either side is empty.
+    """
+    if len(positives) == 0 or len(negatives) == 0:
+        return None
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(*_scored(positives, negatives), drop_intermediate=False)
+    return fpr.tolist(), tpr.tolist()

@@ -16,12 +16,12 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-REQS="import torch, torchvision, numpy, pandas, matplotlib, click, joblib, safetensors, tqdm"
+REQS="import torch, torchvision, numpy, scipy, sklearn, matplotlib, click, joblib, safetensors, tqdm"
 
 if ! "$PY" -c "$REQS" 2>/dev/null; then
     echo "== $PY lacks the requirements: a fresh venv .venv-gpu"
     python3 -m venv --system-site-packages .venv-gpu || exit 1
-    .venv-gpu/bin/pip install -q -c constraints.txt torch torchvision numpy pandas matplotlib click joblib safetensors tqdm \
+    .venv-gpu/bin/pip install -q -c constraints.txt torch torchvision numpy scipy scikit-learn matplotlib click joblib safetensors tqdm \
         || { echo "could not install the requirements (no network?)"; exit 1; }
     PY=.venv-gpu/bin/python
 fi

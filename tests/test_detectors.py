@@ -12,6 +12,11 @@ import csv
 import dataclasses
 import io
 import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +118,7 @@ def test_every_detector_answers_in_range_deterministically_and_leaves_the_model_
 
 
 def test_rnp_samples_ranks_the_planted_poison_above_clean_images(models, clean_data, poisoned_inputs):
-    """Measured: AUROC 1.0 here, where Spectral Signatures gave 0.62 and AC 0.74 on this tiny model's features."""
+    """Measured: AUROC 1.0 here, where Spectral Signatures gave 0.62 and AC 0.73 on this tiny model's features."""
     x, truth_mask = poisoned_inputs
     scores = make("rnp_samples")(models["backdoored"], clean_data, ctx(), x).scores
     assert auroc(scores[truth_mask].tolist(), scores[~truth_mask].tolist()) > 0.95
@@ -124,14 +129,30 @@ def _pixels_are_features() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, K)).eval()
 
 
-@pytest.mark.parametrize("name", ["spectral", "ac"])
-def test_spectral_and_ac_score_a_minority_cluster_of_a_label_first(name, clean_data):
+def _patched_label() -> ImageSet:
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(120, 3, 32, 32, generator=gen) * 60).to(torch.uint8)
     y = torch.tensor([TARGET] * 90 + [1] * 30)
     x[:30, :, -6:, -6:] = 255  # 30 of label 3's 90 images carry a bright patch
-    scores = make(name)(_pixels_are_features(), clean_data, ctx(), ImageSet(x, y)).scores
+    return ImageSet(x, y)
+
+
+@pytest.mark.parametrize("name", ["spectral", "ac"])
+def test_spectral_and_ac_score_a_minority_cluster_of_a_label_first(name, clean_data):
+    det = make(name)(_pixels_are_features(), clean_data, ctx(), _patched_label())
+    scores = det.scores
+    if name == "ac":  # ART's relative-size rule: the patch cluster is 1/3 of label 3 (< 0.35); label 1 may add its own
+        assert det.info["flagged"] >= 30
     assert set(torch.topk(scores[:90], 30).indices.tolist()) == set(range(30))
+
+
+def test_ac_reduces_by_fastica_when_asked(clean_data):
+    """ART's other reduction: a different projection (unit-variance independent components), repeatable."""
+    inputs = _patched_label()
+    pca, ica, again = (make("ac", **kw)(_pixels_are_features(), clean_data, ctx(), inputs).scores
+                       for kw in ({}, {"reduce": "FastICA"}, {"reduce": "FastICA"}))
+    assert torch.isfinite(ica).all() and torch.equal(ica, again)
+    assert not torch.allclose(ica, pca)
 
 
 def test_strip_scores_an_input_whose_trigger_fixes_the_prediction_above_clean_inputs(clean_data):
@@ -337,6 +358,66 @@ def test_auroc_and_roc_points():
     fpr, tpr = roc_points([0.9, 0.8], [0.85])
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
     assert tpr[1] == 0.5 and fpr[1] == 0.0  # the top score is a backdoored model
+
+
+def _pairwise_auroc(pos, neg):
+    """The definition (bench.detect's hand-written version before scikit-learn): the mean over every
+    (positive, negative) pair of 1 if the positive scores higher, 1/2 on a tie."""
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def _threshold_roc(pos, neg):
+    """The definition of the ROC points: (0, 0), then for every distinct score t, high to low, the shares of
+    negatives and positives scoring at least t."""
+    fpr, tpr = [0.0], [0.0]
+    for t in sorted({*pos, *neg}, reverse=True):
+        fpr.append(sum(s >= t for s in neg) / len(neg))
+        tpr.append(sum(s >= t for s in pos) / len(pos))
+    return fpr, tpr
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_and_roc_points_match_their_definitions_with_ties(seed):
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 8, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).double() / 2
+    neg = torch.randint(0, 6, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).double() / 2
+    pos, neg = pos.tolist(), neg.tolist()  # few distinct values: many ties, within and across the sides
+    assert auroc(pos, neg) == pytest.approx(_pairwise_auroc(pos, neg), abs=1e-12)
+    fpr, tpr = roc_points(pos, neg)
+    want_fpr, want_tpr = _threshold_roc(pos, neg)
+    assert fpr == pytest.approx(want_fpr, abs=1e-12) and tpr == pytest.approx(want_tpr, abs=1e-12)
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+
+
+def test_auroc_and_roc_points_rank_infinite_scores_and_refuse_nan():
+    pos, neg = [math.inf, 2.0, -math.inf], [2.0, -math.inf, 1.0]
+    assert auroc(pos, neg) == pytest.approx(_pairwise_auroc(pos, neg))
+    assert roc_points(pos, neg) == _threshold_roc(pos, neg)
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([math.nan], [1.0])
+    assert roc_points([], [1.0]) is None and auroc([1.0], []) is None
+
+
+def test_auroc_needs_no_pairwise_matrix():
+    """40,000 positives x 4,000 negatives (GTSRB's sample level is 39,209 x 3,921): a pairwise matrix of float64
+    would take 1.28 GB. The child process's peak resident memory may grow by a tenth of that at most."""
+    code = (
+        "import resource, torch\n"
+        "from bench.detect import auroc, roc_points\n"
+        "auroc([0.0], [1.0]); roc_points([0.0], [1.0])  # libraries imported before the baseline\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "pos = (torch.randn(40_000, generator=g) + 1).round(decimals=2).tolist()\n"
+        "neg = torch.randn(4_000, generator=g).round(decimals=2).tolist()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "a = auroc(pos, neg); fpr, tpr = roc_points(pos, neg)\n"
+        "print(a, len(fpr), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    area, points, grown = float(out[0]), int(out[1]), int(out[2])
+    assert 0.7 < area < 0.8  # Phi(1 / sqrt(2)) = 0.76, a real computation on the whole data
+    assert points > 100
+    assert grown < 40_000 * 4_000 * 8 / 10
 
 
 def test_truth_is_defined_only_where_it_exists():
