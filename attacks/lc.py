@@ -67,7 +67,7 @@ from adversarially trained models (its generator loads ``resnet18_PGD_best_model
 CIFAR-10 and ``*_AT_best_model.pth`` for CIFAR-100 and GTSRB), and
 hkunzhe/label_consistent_attacks_pytorch trains one with PGD, saying the paper does (not
 checked against the paper's text here). Here it is the clean reference model of the same
-recipe, trained by the grid with the same trainer, as the issue asks; BackdoorBox's example
+recipe, trained by the grid with the same trainer; BackdoorBox's example
 also perturbs with a normally trained model.
 
 Cost: ``pgd_steps`` forward and backward passes (input gradient only) per target-class image.

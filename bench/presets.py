@@ -79,7 +79,7 @@ class Preset:
 #       PGD does make the images hard for the clean reference model (its accuracy on the 450 perturbed
 #       target images: 0 % at 8/255 and at 32/255, from 100 %), but the perturbation does not carry over
 #       to a freshly trained model, which fits those images without the corner pattern (ASR above).
-# 2026-12-03: the demo model went from width 16 to width 8 (issue 7: the README's first command within 6
+# 2026-12-03: the demo model went from width 16 to width 8 (the README's first command within 6
 # minutes on a 2-core CPU without native bf16; at width 16 it took 7 min 52 s and 10 min 14 s on two such
 # runs, instruction set limited to AVX2, the training alone 5 min 45 s and 6 min 56 s). Width 8 trains a
 # demo model in 12-17 s there instead of 21-33 s (about 3,300-4,000 img/s against 1,600-1,850, measured on two sessions' EPYCs; width 12 is
@@ -211,7 +211,7 @@ PRESETS: dict[str, Preset] = {
         #   (* all twelve cells, beside other jobs.) `--set strip.n_overlays=100` restores the default.
         #   Scored on the test-time mix as it was before 2026-12-05 (clean half first, without the target
         #   class); the fixed mix moved STRIP's AUROC by at most 0.05 on the width-8 models (README, Detection).
-        #   At 25 the demo's `--detect all` took 7 min 4 s from an empty cache (idle), over issue 8's 6 minutes;
+        #   At 25 the demo's `--detect all` took 7 min 4 s from an empty cache (idle), over the 6-minute goal;
         #   10 was one of the cuts that brought it under (README, *Measured*).
         # Neural Cleanse's label detector searches 3 epochs per label here instead of 10: it was the largest
         # part of `--detect all` on the width-8 demo (112 of 175 s; 2026-12-03, bf16, fresh clone, seed-0
@@ -265,7 +265,7 @@ PRESETS: dict[str, Preset] = {
         # other attacks' class 0 has 210 (0.54 %): SIG's and LC's 10 % and CTRL's 5 % of the set would be
         # capped at 210 images there. Every other attack keeps target 0, as RNP and BackdoorBench.
         # RNP's held-out check measures the mean probability of the right label, with a 3-point bound
-        # (select_measure, max_acc_drop): the RNP matrix study of issue 8 (16 GTSRB models; evidence in
+        # (select_measure, max_acc_drop): the RNP matrix study (16 GTSRB models; evidence in
         # defenses/select.py and the README). With held-out accuracy and 5 points it kept ASR <= 10 % at
         # a CA cost <= 5 points on 3 of 16 models (README table), with this rule on 10; the official
         # procedure on none. On the four others no threshold of RNP's sweep does.

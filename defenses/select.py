@@ -20,7 +20,7 @@ The measure (``select_measure`` of RNP and ANP; ``MEASURES``):
   costs those images less accuracy than unseen ones, and 100 held-out images move in whole
   points. The probability moves before the labels flip.
 
-Evidence (issue 8's RNP matrix: 16 GTSRB quick-preset models, BadNets and Blend x target 0 and 2
+Evidence (the RNP matrix study: 16 GTSRB quick-preset models, BadNets and Blend x target 0 and 2
 x poison rate 10 % and 2 % x seeds 0 and 1; every sweep threshold of RNP's masks, test CA on
 1,000 test images; 151 (model, threshold) points with a test CA drop under 15 points): the
 held-out accuracy drop correlates 0.92 with the test CA drop, the held-out probability drop

@@ -2,7 +2,7 @@
 
 Paper: Yige Li et al., "Reconstructive Neuron Pruning for Backdoor Defense", ICML 2023,
 arXiv:2305.14876 (the abstract: the unlearned model at RNP's intermediate step serves backdoor
-label detection). Procedure (the paper's Algorithm 1, as issue 8 states it): unlearn the model
+label detection). Procedure (the paper's Algorithm 1): unlearn the model
 on the clean defense data exactly as the RNP defense does (``defenses.rnp.RNP.unlearned``, the
 same settings, the same stop), then predict the defense data with the unlearned model; the
 backdoor label is the label it predicts most often. Unlearning pushes clean images away from

@@ -59,7 +59,7 @@ RNP_LOG = "rnp_official_log_badnets_cifar10"
 # BackdoorBench's attack names -> ours (after _norm); defenses match after _norm (i-BAU -> ibau).
 ATTACK_ALIASES = {"badnet": "badnets", "blended": "blend", "inputaware": "iad", "trojannn": "trojan",
                   "lowfrequency": "lf", "labelconsistent": "lc"}
-REMOVED = 20.0  # "removes the backdoor": ASR after the defense <= 20 % (the bar)
+REMOVED = 20.0  # "removes the backdoor": ASR after the defense <= 20 % (the bar the tables use)
 NOT_IMPLANTED = "not implanted"  # the backdoored model's own ASR is <= REMOVED: nothing to remove
 
 
