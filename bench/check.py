@@ -109,6 +109,18 @@ def tiny_setup(seed: int = 0):
     return model.eval(), clean, ctx
 
 
+def _twice(call: Callable, before_each: Callable[[], None], out: list) -> None:
+    """Two independent runs of ``call`` (``before_each`` first) with only the given data reachable; each
+    result appended to ``out``; the global RNG must be where it was."""
+    rng = torch.get_rng_state()
+    with only_given_data():
+        for _ in range(2):
+            before_each()
+            out.append(call())
+    if not torch.equal(torch.get_rng_state(), rng):
+        raise AssertionError("it drew from the global RNG")
+
+
 def check_defense(defense, model: nn.Module, clean: ImageSet, ctx: Callable, before_each: Callable[[], None] = lambda: None) -> list[Result]:
     """The defense contract (module docstring) on ``model`` and ``clean``; ``before_each`` runs before each of
     the two runs (the tests empty RNP's stage-1 memo there, so the runs are independent)."""
@@ -117,16 +129,8 @@ def check_defense(defense, model: nn.Module, clean: ImageSet, ctx: Callable, bef
     x = clean.x[:5].float() / 255
     results = []
 
-    def runs():
-        rng = torch.get_rng_state()
-        with only_given_data():
-            for _ in range(2):
-                before_each()
-                results.append(defense(copy.deepcopy(model), clean, ctx()))
-        if not torch.equal(torch.get_rng_state(), rng):
-            raise AssertionError("it drew from the global RNG")
-
-    _run(checks, "runs on the model and clean data alone, no global RNG", runs)
+    _run(checks, "runs on the model and clean data alone, no global RNG",
+         lambda: _twice(lambda: defense(copy.deepcopy(model), clean, ctx()), before_each, results))
     if len(results) < 2:
         return checks
     _run(checks, "leaves the clean data as it was",
@@ -160,17 +164,9 @@ def check_detector(detector, model: nn.Module, clean: ImageSet, ctx: Callable, b
     inputs = ImageSet.unlabelled(clean.x[:20].clone()) if detector.level != "model" else None
     answers = []
 
-    def runs():
-        rng = torch.get_rng_state()
-        with only_given_data():
-            for _ in range(2):
-                before_each()
-                args = (copy.deepcopy(model), clean, ctx()) + ((inputs,) if inputs is not None else ())
-                answers.append(detector(*args))
-        if not torch.equal(torch.get_rng_state(), rng):
-            raise AssertionError("it drew from the global RNG")
-
-    _run(checks, "runs on the model and clean data alone, no global RNG", runs)
+    extra = (inputs,) if inputs is not None else ()
+    _run(checks, "runs on the model and clean data alone, no global RNG",
+         lambda: _twice(lambda: detector(copy.deepcopy(model), clean, ctx(), *extra), before_each, answers))
     if len(answers) < 2:
         return checks
 

@@ -274,3 +274,9 @@ def test_clean_data_from_a_folder_of_the_defenders_own_images(trained, tmp_path)
     res = invoke(*args)
     assert res.exit_code == 2
     assert "--clean-data" in res.output and "class folder 'stop' is not a class of synthetic; allowed: an index 0..9" in res.output
+
+
+def test_bench_check_runs_the_detector_contract_on_a_named_component():
+    res = invoke("check", "strip")
+    assert res.exit_code == 0 and "detector strip:" in res.output and "FAIL" not in res.output
+    assert "ok   the same seed gives the same answer" in res.output
