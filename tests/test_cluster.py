@@ -261,3 +261,38 @@ def test_each_local_worker_pins_its_own_gpu(tmp_path):
     for p in procs:
         p.join(timeout=30)
     assert got[:2] == [(0, "0"), (1, "1")] and got[2][0] == "refused", got
+
+
+_FAULTS = """
+import resource, sys, torch
+from bench.run.execute import in_worker
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(30):
+        x = torch.ones(1 << 20)  # 4 MiB, above a frozen 128 KiB mmap threshold, below 32 MiB
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()  # warm-up: torch's first allocations
+raw = faults()
+tuned = in_worker(faults, None, {}, None)
+print(raw, tuned)
+"""
+
+
+def test_a_worker_started_with_dasks_malloc_trim_setting_reuses_large_blocks_again():
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ set, which makes glibc mmap and fault in every
+    large tensor anew (training ran at half speed on Dask workers); a task undoes that in its process."""
+    import dask.config
+
+    assert "MALLOC_TRIM_THRESHOLD_" in dask.config.get("distributed.nanny.pre-spawn-environ")  # the premise
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True).stdout
+    raw, tuned = map(int, out.split())
+    assert raw > 30 * 500  # each 4 MiB tensor faulted in page by page (1,024 pages)
+    assert tuned * 10 < raw, (raw, tuned)
+    env.pop("MALLOC_TRIM_THRESHOLD_")
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True).stdout
+    raw, tuned = map(int, out.split())
+    assert raw * 10 < 30 * 1024  # without the variable glibc reuses the block: the premise of the fix
