@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -258,7 +259,8 @@ def _grid(*, attacks, defense, dataset, model, detect, preset, seeds, jobs, sche
     try:
         click.echo(f"run folder: {out}  ({len(cells)} cells{extra}, device {dev}, {executor.describe()})")
         records = run_grid(cells, out, preset=preset, device=dev, executor=executor, progress=not quiet,
-                           log=lambda m: click.echo(m), detect=detect_cells, save_defended=save_defended)
+                           log=lambda m: click.echo(m), detect=detect_cells, save_defended=save_defended,
+                           command=shlex.join(["bench", *sys.argv[1:]]))
     finally:
         executor.close()
     paths = write_reports(out)

@@ -1,6 +1,9 @@
 """The command line: one-line errors before any work, an end-to-end tiny run, exit codes."""
 
+import html
 import json
+import shlex
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -110,12 +113,17 @@ def test_every_preset_field_builds(preset):
         assert all(getattr(built, k) == v for k, v in values.items())
 
 
-def test_tiny_run_end_to_end_and_report_regenerates(tmp_path):
+def test_tiny_run_end_to_end_and_report_regenerates(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["run", "--attack", "badnets", "--defense", "none", "--preset", "demo", "--out", str(out), *TINY])
+    args = ["run", "--attack", "badnets", "--defense", "none", "--preset", "demo", "--out", str(out), *TINY]
+    monkeypatch.setattr(sys, "argv", ["/some/venv/bin/bench", *args])
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
     assert [(r["attack"], r["defense"], r["status"]) for r in recs] == [("badnets", "none", "ok")]
+    command = shlex.join(["bench", *args])  # the provenance: the command that made each record
+    assert recs[0]["command"] == command
+    assert html.escape(command) in (out / "report" / "index.html").read_text(encoding="utf-8")
     assert "| badnets" in res.output  # the Markdown table is printed at the end
     report = out / "report"
     for name in ("table.md", "table.csv", "table.tex"):

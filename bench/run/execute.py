@@ -479,6 +479,7 @@ def run_grid(
     detect: list[DetectCell] = (),
     save_defended: str | os.PathLike | None = None,
     tasks: Mapping[str, Callable] | None = None,
+    command: str | None = None,
 ) -> list[dict]:
     """Run ``cells`` (and the detection cells ``detect``) into ``out``; return this grid's removal records.
 
@@ -486,7 +487,8 @@ def run_grid(
     driver writes each record as its result arrives, so a kill at any moment loses no finished cell.
     ``save_defended``: a folder where the driver writes each defended model (``<cell>.safetensors``,
     atomically, before the cell's record); a finished cell whose file is missing there runs again.
-    ``tasks`` replaces task bodies by kind (``Settings.tasks``).
+    ``tasks`` replaces task bodies by kind (``Settings.tasks``). ``command``: the command line that
+    started the run, kept in each record it writes (the report's provenance).
     """
     rd = RunDir(out)
     own = executor is None
@@ -499,14 +501,15 @@ def run_grid(
             if own:
                 executor = make_executor(jobs=jobs, device=device)
             return _drive(rd, cells, list(detect), executor, preset=preset, device=device, progress=progress, log=log,
-                          save_defended=Path(save_defended) if save_defended else None, bodies=tasks)
+                          save_defended=Path(save_defended) if save_defended else None, bodies=tasks,
+                          command=command)
         finally:
             if own and executor is not None:
                 executor.close()
 
 
 def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, progress, log, save_defended=None,
-           bodies=None) -> list[dict]:
+           bodies=None, command=None) -> list[dict]:
     order = [c.id for c in cells]
     rd.load()
     todo = [c for c in cells if not is_done(rd.records.get(c.id), c)
@@ -525,7 +528,7 @@ def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, pro
     rd.write_records(order)
     try:
         for task, result in executor.run(tasks, s):
-            ok = _handle(rd, task, result, wanted, preset, lambda m: bar.say(log, m), save_defended)
+            ok = _handle(rd, task, result, wanted, preset, lambda m: bar.say(log, m), save_defended, command)
             bar.update(task, ok)
             rd.write_records(order, every=RECORDS_EVERY)
     finally:
@@ -535,7 +538,8 @@ def _drive(rd: RunDir, cells, detect, executor: Executor, *, preset, device, pro
     return [r for r in recs if r["cell"] in keep]
 
 
-def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, log, save_defended: Path | None = None) -> bool:
+def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, log, save_defended: Path | None = None,
+            command: str | None = None) -> bool:
     """Write what a finished task produced; return whether it succeeded."""
     if task.kind == "train":
         job: TrainJob = task.item
@@ -557,6 +561,8 @@ def _handle(rd: RunDir, task: Task, result: Any, wanted: set[str], preset: str, 
         return True
     cell = task.item
     rec = failed_record(cell, preset, result.reason) if isinstance(result, TaskFailed) else result
+    if command:
+        rec["command"] = command
     defended = rec.pop("_defended", None)
     if defended is not None and save_defended is not None and rec["status"] == "ok":
         save_tensors(save_defended / f"{rec['cell']}.safetensors", defended,
