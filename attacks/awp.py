@@ -164,7 +164,7 @@ class AWP(Attack):
                 steps += 1
         model.eval()
         seconds = time.perf_counter() - t0
-        change = max((float((p - q).abs().max()) for p, q in zip(params, w0)), default=0.0)
+        change = max((float((p.detach() - q).abs().max()) for p, q in zip(params, w0)), default=0.0)
         return {"seconds": seconds, "plan_seconds": 0.0, "img_per_s": n * self.epochs / max(seconds, 1e-9),
                 "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                 "threads": torch.get_num_threads() if device.type == "cpu" else None,
