@@ -7,5 +7,6 @@ from attacks import adaptive_blend, bpp  # noqa: F401  (Adaptive-Blend, BppAttac
 from attacks import clean, lf  # noqa: F401  (the clean model, low-frequency UAP)
 from attacks import iad  # noqa: F401  (Input-Aware Dynamic)
 from attacks import lc, trojan  # noqa: F401  (label-consistent, TrojanNN)
+from attacks import awp, lira  # noqa: F401  (adversarial weight perturbation, LIRA)
 
 __all__ = ["ATTACKS", "Attack", "PoisonedSet"]

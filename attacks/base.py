@@ -39,6 +39,14 @@ backward but must leave its weights alone. Attacks without the flag keep the fiv
 attacks with the flag); one with the flag and no ``reference`` fails with a one-line
 ``BenchError``.
 
+A weight attack (``weight_attack = True``, AWP): the model is not trained on poisoned data but
+made from the clean reference model (which it therefore needs: ``needs_clean_model``). The grid
+calls ``build_model(model, reference, train, seed, device)`` instead of ``poison`` + ``train``: it
+loads the reference's weights into ``model``, changes them in place and returns the training stats
+(the trainer's keys: ``seconds``, ``img_per_s``, ``loss``, ``train_acc``, ...). Everything after it
+(evaluation, the model cache, records, resume) is as for any other model; ``poison`` returns the
+training set unchanged with no poisoned index.
+
 No trigger (``has_trigger = False``, the ``clean`` attack only): ``trigger`` returns the
 images unchanged, nothing is poisoned and the triggered test set is empty, so ASR and RA are
 undefined (``None`` in the records, "-" in the tables).
@@ -93,6 +101,7 @@ class Attack(Config):
     needs_clean_model: ClassVar[bool] = False  # True: prepare() takes reference=<the clean model>
     has_trigger: ClassVar[bool] = True  # False only for ``clean``: no trigger, empty triggered test set
     learned_trigger: ClassVar[bool] = False  # True: the trigger is learned while the model trains (IAD's generators)
+    weight_attack: ClassVar[bool] = False  # True: build_model() perturbs the clean reference instead of training (AWP)
 
     target: int = param(0, low=0, doc="target class (all-to-one)")
     poison_rate: float = param(0.1, low=0.0, high=1.0, doc="fraction of the training set poisoned")
@@ -167,6 +176,11 @@ class Attack(Config):
 
     def train_extension(self) -> Optional[TrainExtension]:
         return None
+
+    def build_model(self, model: nn.Module, reference: nn.Module, train: ImageSet, seed: int,
+                    device: torch.device | str = "cpu") -> dict:
+        """Weight attacks only (``weight_attack``): make ``model`` from ``reference`` in place, return stats (module notes)."""
+        raise NotImplementedError(f"{self.name} trains on poisoned data; only weight attacks build their model")
 
     def test_set(self, test: ImageSet) -> TriggeredSet:
         keep = (test.y != self.target) if self.label_mode == "all2one" else torch.ones_like(test.y, dtype=torch.bool)

@@ -115,7 +115,16 @@ class Preset:
 #       50 % (this preset): bf16 97.8 / 85.7, 98.9 / 88.9, 97.2 / 77.8 (38-41 s); fp32 99.7 / 95.9, 97.9 / 95.6,
 #       96.0 / 94.0 (44-46 s)
 # The measurements below this line are at width 16, where they were taken.
+# 2026 (issue 30), width 8, seed 0, 2-core AMD EPYC, 1 thread, awp perturbing the cached clean demo model
+# (CA 100) through build_model, evaluated in bf16 (/tmp sweep script calling AWP.build_model; the grid gives
+# the same numbers: `bench run --attack awp --defense none --preset demo --seeds 0` at the defaults: 61.7 / 81.1):
+#   awp at its defaults (1280 images' official count is 2.56 % of 50,000 = 128 of the demo's 5,000; eps 0.005):
+#       61.7 / 81.1 (20 Adam steps: too few to keep the clean predictions)
+#       poison_rate 0.256 (1,280 images, the official count): 82.7 / 80.3;  with eps 0.01 (this preset): 86.8 / 92.0
+#       lr 1e-4 at 0.256 with eps 0.01 / 0.02: 79.7 / 77.8, 79.9 / 77.8. The width-8 smallcnn loses clean accuracy
+#       under any l_inf move of all its weights; CA stays 13 points below the clean model (see the report).
 DEMO_ATTACK_STRENGTH: dict[str, dict] = {
+    "awp": {"poison_rate": 0.256, "eps": 0.01},
     "sig": {"poison_rate": 0.09, "delta": 120.0},
     "wanet": {"s": 1.0},
     "bpp": {"squeeze_num": 4, "poison_rate": 0.2},
