@@ -7,5 +7,6 @@ from attacks import adaptive_blend, bpp  # noqa: F401  (issue 7: Adaptive-Blend,
 from attacks import clean, lf  # noqa: F401  (issue 7: the clean model, low-frequency UAP)
 from attacks import iad  # noqa: F401  (issue 7: Input-Aware Dynamic)
 from attacks import lc, trojan  # noqa: F401  (issue 7: label-consistent, TrojanNN)
+from attacks import dfst, fc  # noqa: F401  (issue 30: DFST, Feature Collision)
 
 __all__ = ["ATTACKS", "Attack", "PoisonedSet"]
