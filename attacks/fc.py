@@ -57,6 +57,12 @@ Defaults and where they come from:
   attacks at 10 % with target 0 (RNP ``--inject_portion 0.1 --target_label 0``); their FC rate
   is not stated in their code, so this is the line's common setting, not a checked FC number.
 
+Measured on the demo's clean reference (synthetic set, smallcnn width 8, seed 0; 40 class-0 bases, an
+experiment script, 2026-12-05): 50 iterations at ``lr = 0.01`` bring the mean feature distance to the
+triggered images from 6.8 (watermarked bases) to 0.6, with a mean pixel change of 4.6 levels (at most
+164) from the watermarked base; at ``lr = 1`` or 10 the iteration diverges (distance 9.7, 13.6). On an
+untrained model the features barely move at 0.01 (the tests use a larger step for that reason).
+
 Departures: the target instance is a triggered non-target image per poison instead of one test
 image (the backdoor form above); the features come from the grid's clean reference model of the
 same dataset, model, recipe and seed (``needs_clean_model``, in eval mode, never changed) rather
