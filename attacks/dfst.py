@@ -29,10 +29,13 @@ Here (through ``bench.train.TrainExtension``, like IAD):
       B' = 0.05 R + 0.10 G + 0.55 B
       (one-channel images: v' = 0.80 v + 0.15), each clipped to [0, 1]
 
-  and the generator ``G`` is a small encoder-decoder (two 3x3 conv layers down to half
-  resolution, one up, a skip connection, a 1x1 output and a sigmoid; width ``gen_width``) trained
-  in ``prepare`` to reproduce ``S`` on the training images (L1, Adam, ``gen_steps`` steps of 64
-  images, seeded). The trigger is ``(1 - strength) x + strength G(x)``, rounded to 0..255.
+  and the generator ``G`` is a small encoder-decoder (a 3x3 conv, a stride-2 3x3 conv to half
+  resolution, bilinear upsampling and a 1x1 conv back, skip connections from the first layer and
+  the input, a 1x1 output and a sigmoid; ``gen_width = 8`` channels) trained in ``prepare`` to
+  reproduce ``S`` on the training images (L1, Adam at 1e-2, ``gen_steps = 300`` steps of 32 images
+  drawn with the run's seed). Its mean absolute error to ``S`` after the 300 steps: 0.017 of the
+  pixel range on random-noise images (0.031 after 100), under 0.03 on held-out smooth images
+  (``tests/test_fc_dfst.py``). The trigger is ``(1 - strength) x + strength G(x)``, rounded to 0..255.
   ``strength`` is the official ``alpha`` (``configs/dfst.json``: 0.6) in (0, 1].
 - Poisoning, per batch (as the official ``Attack.inject``): ``int(batch * poison_rate)`` images of
   the batch stylised and labelled with the target (``poison_rate = 0.05``: official
@@ -76,9 +79,12 @@ Departures, each with its reason:
   stylised keeps its (target) label;
 - the compromised neurons' clean and stylised activations come from the same 3 % of images.
 
-Cost: the generator's training in ``prepare`` (``gen_steps`` steps of a width-16 network on 64
-images) and one detoxification round per epoch (``detox_epochs`` passes over 3 % of the training
+Cost: the generator's training in ``prepare`` (``gen_steps`` steps of the width-8 network on 32
+images, about 0.03 s a step on one idle-ish CPU thread) and one detoxification round per epoch (``detox_epochs`` passes over 3 % of the training
 set, each a forward and backward pass of the model and the injector).
+
+Measured: the demo (``bench/presets.py``: defaults CA 99.9 / ASR 50.7, the demo's 10 % and strength 0.8
+99.4 / 97.4 on seed 0, 99.2 / 97.2 and 99.7 / 95.0 on seeds 1 and 2). The quick preset (GTSRB) is not measured yet.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ class Preset:
 # beside other jobs at a load average of ~15, so the seconds are not the idle machine's):
 #   dfst at its defaults (5 % of each batch, strength 0.6, detoxification every epoch): 99.9 / 50.7
 #       10 % of each batch: 99.0 / 82.0;  10 % and strength 0.8 (this preset): 99.4 / 97.4 (model 124 s under
-#       that load, generator training and detoxification rounds included)
+#       that load, generator training and detoxification rounds included); seeds 1 / 2: 99.2 / 97.2, 99.7 / 95.0
 #   fc (all 500 class-0 images = the 0.1 rate; 50 forward-backward iterations instead of 1000, see below):
 #       watermark 0.3 (its default): 97.5 / 0.1;  watermark 0.5: 91.1 / 0.0;  watermark 0.5 at rate 0.09: 100 / 0.0.
 #       Not reached; defaults kept. The collision itself works on the clean reference (attacks/fc.py: feature
