@@ -8,5 +8,6 @@ from attacks import clean, lf  # noqa: F401  (the clean model, low-frequency UAP
 from attacks import iad  # noqa: F401  (Input-Aware Dynamic)
 from attacks import lc, trojan  # noqa: F401  (label-consistent, TrojanNN)
 from attacks import awp, lira  # noqa: F401  (adversarial weight perturbation, LIRA)
+from attacks import dfst, fc  # noqa: F401  (DFST, Feature Collision)
 
 __all__ = ["ATTACKS", "Attack", "PoisonedSet"]
