@@ -125,8 +125,7 @@ class Preset:
 #       Not reached; defaults kept. The collision itself works on the clean reference (attacks/fc.py: feature
 #       distance 6.8 -> 0.6), but, as for lc, a freshly trained model fits the target-class poisons by their
 #       shape and does not take up the faint grid they carry.
-# The measurements below this line are at width 16, where they were taken.
-# 2026 (issue 30), width 8, seed 0, 2-core AMD EPYC, 1 thread, awp perturbing the cached clean demo model
+# 2026-12-05, width 8, seed 0, 2-core AMD EPYC, 1 thread, awp perturbing the cached clean demo model
 # (CA 100) through build_model, evaluated in bf16 (/tmp sweep script calling AWP.build_model; the grid gives
 # the same numbers: `bench run --attack awp --defense none --preset demo --seeds 0` at the defaults: 61.7 / 81.1):
 #   awp at its defaults (1280 images' official count is 2.56 % of 50,000 = 128 of the demo's 5,000; eps 0.005):
@@ -190,7 +189,7 @@ QUICK_ATTACK_STRENGTH: dict[str, dict] = {
     "ctrl": {"target": 2, "poison_rate": 0.055, "magnitude": 300.0},
     "iad": {"poison_rate": 0.3},
     "lc": {"target": 2},
-    # fc (issue 30): the clean-label target 2 as sig, ctrl and lc; not measured on this preset yet. Its crafting at the
+    # fc: the clean-label target 2 as sig, ctrl and lc; not measured on this preset yet. Its crafting at the
     # default 1000 iterations over the 2,250 class-2 images would be ten times lc's 100 PGD steps (about 50 min
     # on a 2-core CPU by lc's measured 5 min, an estimate); `--set fc.iters=50` is the demo's setting.
     "fc": {"target": 2},

@@ -1,4 +1,4 @@
-"""Feature Collision and DFST (issue 30): tiny synthetic images and tiny models only.
+"""Feature Collision and DFST: tiny synthetic images and tiny models only.
 
 The references (the forward-backward step, the sunrise transform, the batch composition) are
 written here independently of the attack modules.
