@@ -74,7 +74,10 @@ class ModelSpec(Config):
         One training-mode forward pass of two grey ``channels x size x size`` images, without gradient and
         with the global RNG left as it was (dropout draws from it); the output must be logits ``[2, num_classes]``.
         Training mode, because that is where a 1x1 map meets BatchNorm; its running statistics move, so the
-        grid calls this on a throwaway model (``bench.run.plan``), before any training.
+        grid calls this on a throwaway model (``bench.run.plan``), before any training. It also refuses a
+        strided 1x1 convolution with 2-7 input channels (a ResNet below width 8): torch 2.14.1's CPU backward
+        of it in channels_last, the trainer's format, aborted the process with a double free (2-core AVX2
+        EPYC, 2026-12-05; 1 and 8-12 channels ran).
         """
         where = f"model {getattr(self, 'name', type(self).__name__)} cannot take {dataset + ' ' if dataset else ''}" \
                 f"images of {channels}x{size}x{size}"
@@ -91,6 +94,14 @@ class ModelSpec(Config):
         if not torch.is_tensor(out) or tuple(out.shape) != (2, num_classes):
             got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise BenchError(f"{where}: it returns {got}, not logits of shape (2, {num_classes})")
+        for name, m in model.named_modules():
+            if (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) != (1, 1)
+                    and 1 < m.in_channels < 8):
+                raise BenchError(
+                    f"model {getattr(self, 'name', type(self).__name__)}: its strided 1x1 convolution {name} takes "
+                    f"{m.in_channels} channels; torch {torch.__version__.split('+')[0]}'s CPU backward of such a "
+                    f"convolution in channels_last corrupts memory (2 to 7 input channels; measured: the process "
+                    f"aborts); give the model a width of at least 8")
 
 
 # ---------------------------------------------------------------- ResNet-18, CIFAR variant

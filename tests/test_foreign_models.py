@@ -116,6 +116,18 @@ def test_the_dry_forward_pass_checks_the_output_and_leaves_the_rng_alone():
     assert "(2, 3)" in one_line_error(lambda: spec.check(Classifier(nn.Flatten(2), (0.5,) * 3, (0.25,) * 3), 3, 3, 4))
 
 
+@pytest.mark.parametrize("model", ["resnet18", "preactresnet18"])
+def test_a_width_whose_strided_1x1_shortcut_crashes_torch_is_refused_at_plan_time(model, monkeypatch):
+    """ResNet widths below 8 give a shortcut (a strided 1x1 convolution) 2-7 input channels, and
+    torch's CPU backward of that in channels_last aborted the process (double free) on an AVX2 EPYC."""
+    monkeypatch.setattr(bench.train, "train", lambda *a, **k: pytest.fail("planning must not train"))
+    msg = one_line_error(lambda: GridSpec(attacks=["badnets"], defenses=["none"], models=[model],
+                                          overrides={model: {"width": "4"}}).plan())
+    assert model in msg and "4 channels" in msg and "at least 8" in msg
+    for ok in ("8", "9"):  # 8 or more input channels everywhere do not crash (width 1 meets 2 at stage 3)
+        GridSpec(attacks=["badnets"], defenses=["none"], models=[model], overrides={model: {"width": ok}}).plan()
+
+
 def test_a_family_spec_pickles_by_name():
     spec = MODELS.get("torchvision:resnet18")()
     back = pickle.loads(pickle.dumps(spec))
