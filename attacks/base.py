@@ -71,6 +71,19 @@ from bench.train import TrainExtension
 ATTACKS: Registry[type["Attack"]] = Registry("attack", entry_point_group="bdbench.attacks")
 
 
+@torch.no_grad()
+def map_images(x: torch.Tensor, fn, chunk: int, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images ``[N, C, H, W]`` through ``fn`` (float in [0, 1] -> float in [0, 1]), ``chunk`` at a time,
+    back to uint8 (rounded, clamped): the trigger of the attacks whose trigger is a network (IAD, LIRA, DFST)."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), chunk):
+        xf = x[i:i + chunk].float() / 255
+        if channels_last:
+            xf = xf.contiguous(memory_format=torch.channels_last)
+        out[i:i + chunk] = (fn(xf) * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def batch_share(batch_size: int, rate: float, gen: torch.Generator) -> int:
     """How many images of a batch a training-controlled attack rewrites for a per-batch ``rate``.
 

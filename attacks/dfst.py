@@ -97,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share
+from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share, map_images
 from attacks.trojan import PenultimateFeatures
 from bench.config import param
 from bench.data import Augmentation, ImageSet
@@ -248,11 +248,7 @@ class DFST(Attack):
         if len(x) == 0:
             return x.clone()
         g = self.generator(x.device)
-        out = torch.empty_like(x)
-        for i in range(0, len(x), CHUNK):
-            xf = x[i:i + CHUNK].float() / 255
-            out[i:i + CHUNK] = (self.stylise(xf, g) * 255).round_().clamp_(0, 255).to(torch.uint8)
-        return out
+        return map_images(x, lambda xf: self.stylise(xf, g), CHUNK)
 
     def poison(self, train: ImageSet, seed: int) -> PoisonedSet:
         """DFST poisons per batch (``train_extension``): the stored training set stays clean."""

@@ -124,7 +124,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share
+from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share, map_images
 from bench.config import param
 from bench.data import Augmentation, ImageSet, augment
 from bench.registry import BenchError
@@ -279,12 +279,7 @@ class IAD(Attack):
             return x.clone()
         g, m = self.networks(x.device)
         g, m = g.to(memory_format=torch.channels_last), m.to(memory_format=torch.channels_last)
-        out = torch.empty_like(x)
-        for i in range(0, len(x), CHUNK):
-            xf = (x[i:i + CHUNK].float() / 255).contiguous(memory_format=torch.channels_last)
-            mixed, _ = self.mix(xf, g, m)
-            out[i:i + CHUNK] = (mixed * 255).round_().clamp_(0, 255).to(torch.uint8)
-        return out
+        return map_images(x, lambda xf: self.mix(xf, g, m)[0], CHUNK, channels_last=True)
 
     def poison(self, train: ImageSet, seed: int) -> PoisonedSet:
         """IAD poisons on the fly (``train_extension``): the stored training set stays clean."""

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from attacks.base import ATTACKS, Attack, PoisonedSet
+from attacks.base import ATTACKS, Attack, PoisonedSet, map_images
 from attacks.iad import levels_for
 from bench.config import param
 from bench.data import Augmentation, ImageSet
@@ -182,11 +182,7 @@ class LIRA(Attack):
         if len(x) == 0:
             return x.clone()
         g = self.generator(x.device)
-        out = torch.empty_like(x)
-        for i in range(0, len(x), CHUNK):
-            xf = x[i:i + CHUNK].float() / 255
-            out[i:i + CHUNK] = (self.perturb(xf, g) * 255).round_().clamp_(0, 255).to(torch.uint8)
-        return out
+        return map_images(x, lambda xf: self.perturb(xf, g), CHUNK)
 
     def poison(self, train: ImageSet, seed: int) -> PoisonedSet:
         """LIRA poisons on the fly (``train_extension``): the stored training set stays clean."""
