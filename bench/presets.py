@@ -114,7 +114,7 @@ class Preset:
 #       40 %: bf16 98.7 / 82.6, 99.5 / 87.7, 99.4 / 70.8 (34-39 s); fp32 99.9 / 96.0, 99.5 / 90.6, 95.8 / 83.6 (43-47 s)
 #       50 % (this preset): bf16 97.8 / 85.7, 98.9 / 88.9, 97.2 / 77.8 (38-41 s); fp32 99.7 / 95.9, 97.9 / 95.6,
 #       96.0 / 94.0 (44-46 s)
-# Issue 30 (2026-12-05, seed 0, width 8, `bench run --attack X --defense none --preset demo --seeds 0 --set
+# FC and DFST (2026-12-05, seed 0, width 8, `bench run --attack X --defense none --preset demo --seeds 0 --set
 # run.sweep=false --set ...`; a 2-core AMD EPYC, instruction set AVX2 only (no native bf16: fp32), `--jobs auto`,
 # beside other jobs at a load average of ~15, so the seconds are not the idle machine's):
 #   dfst at its defaults (5 % of each batch, strength 0.6, detoxification every epoch): 99.9 / 50.7
@@ -152,9 +152,9 @@ DEMO_ATTACK_STRENGTH: dict[str, dict] = {
     # the cost (1000 passes over the 500 target images would be several times a demo model's training).
     "fc": {"iters": 50},
     # Not strength: LIRA's generator (the official UNet, first width 64) at width 8. At width 8 (2026-12-05,
-    # 2-core AVX2 EPYC, fp32, one thread, beside three other jobs, seed 0): CA 97.6 / ASR 98.9, the model in
-    # 321 s (its generator's look-ahead step every batch of the first 2 epochs; the other demo models took
-    # 20-38 s in the same conditions). Width 64 was not timed to the end here.
+    # 2-core AMD EPYC with AVX2 only, fp32, one thread, seed 0): CA 97.6 / ASR 98.9; the model took 118 s in the
+    # README's first command from a fresh clone (idle; the other models 18-21 s, docs/measurements.md): its
+    # generator's look-ahead step every batch of the first 2 epochs. Width 64 was not timed to the end here.
     "lira": {"gen_width": 8},
 }
 

@@ -69,15 +69,15 @@ def train_model(job: TrainJob, device: str, progress: bool = False) -> dict:
         load_into(model, job.checkpoint, ds.num_classes, ds.name, job.model.name)
         model.to(device).eval()
         stats = {"seconds": 0.0, "threads": None, "imported": True}
-    elif attack.weight_attack:  # the clean reference with its weights perturbed, not trained (attacks/base.py)
-        poisoned = attack.poison(train_set, job.seed)
-        fault_point("train_started", job.label)
-        stats = attack.build_model(model, reference, train_set, job.seed, device)
     else:
         poisoned = attack.poison(train_set, job.seed)
         fault_point("train_started", job.label)
-        stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
-                      extensions=[e for e in [attack.train_extension()] if e is not None], progress=progress, desc=job.label)
+        if attack.weight_attack:  # the clean reference with its weights perturbed, not trained (attacks/base.py)
+            stats = attack.build_model(model, reference, train_set, job.seed, device)
+        else:
+            stats = train(model, poisoned.data, job.train, ds.augmentation, seed=job.seed, device=device,
+                          extensions=[e for e in [attack.train_extension()] if e is not None], progress=progress,
+                          desc=job.label)
     del reference
     t0 = time.perf_counter()
     triggered = attack.test_set(test_set)
