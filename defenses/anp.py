@@ -96,7 +96,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Literal, Mapping
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -104,19 +104,18 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet, augment, step_generator
-from bench.registry import BenchError
 from bench.train import autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune, pruning_sweep
 from defenses.rnp import SWEEP  # the same official grid, 0..0.9 in steps of 0.05
-from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdout
+from defenses.select import ThresholdSelection, choose_threshold, split_holdout
 
 PRINT_EVERY = 500  # the official --print-every: the window of the training accuracy it reports
 
 
 @DEFENSES.register("anp")
 @dataclass(frozen=True)
-class ANP(Defense):
+class ANP(Defense, ThresholdSelection):
     description: ClassVar[str] = "Adversarial Neuron Pruning: masks robust to bounded neuron perturbations, prune low-mask channels"
     paper: ClassVar[str] = "Wu & Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021, arXiv:2110.14430"
 
@@ -143,18 +142,6 @@ class ANP(Defense):
     # The official code optimises in fp32; ours follows the recipe's bf16 autocast where the device
     # has it natively (a CPU with AVX-512-BF16, CUDA), which moves the masks (docs/anp.md).
     bf16: bool = param(True, doc="bf16 autocast in the mask optimisation where the recipe and device use it; false: fp32 as the official code")
-    threshold: float = param(0.2, low=0.0, high=1.0, doc="prune channels with mask <= this (select=fixed)")
-    select: Literal["fixed", "auto"] = param("fixed", doc="fixed threshold, or chosen on held-out defense data")
-    holdout: float = param(HOLDOUT, low=0.0, high=0.9, doc="select=auto: fraction of the defense data held out")
-    # 0.05: the evidence is in defenses/select.py (MAX_ACC_DROP).
-    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out drop of select_measure (a fraction)")
-    select_measure: Literal["accuracy", "probability"] = param(
-        "accuracy", doc="select=auto: what the drop is measured in: held-out accuracy, or mean probability of the right label")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.select == "auto" and self.holdout <= 0:
-            raise BenchError("anp.select=auto needs anp.holdout > 0 (the held-out share of the defense data)")
 
     def n_iterations(self, n_images: int) -> int:
         """Iterations to run on ``n_images`` defense images: ``iterations``, capped by ``max_epochs``."""

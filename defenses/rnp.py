@@ -89,11 +89,10 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet, augment, step_generator
-from bench.registry import BenchError
 from bench.train import autocast, predict, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune, pruning_sweep
-from defenses.select import HOLDOUT, MAX_ACC_DROP, choose_threshold, split_holdout
+from defenses.select import ThresholdSelection, choose_threshold, split_holdout
 
 # Stage 1 results of this process, newest last, keyed by RNP._unlearn_key: the defense and RNP's
 # detectors (rnp_label, rnp_samples, rnp_trigger) on one model share one unlearning.
@@ -140,7 +139,7 @@ def recalibrate_bn(model: nn.Module, data: ImageSet, batch_size: int = 128) -> N
 
 @DEFENSES.register("rnp")
 @dataclass(frozen=True)
-class RNP(Defense):
+class RNP(Defense, ThresholdSelection):
     description: ClassVar[str] = "Reconstructive Neuron Pruning: unlearn, recover BN masks, prune low-mask channels"
     paper: ClassVar[str] = "Li et al., Reconstructive Neuron Pruning for Backdoor Defense, ICML 2023, arXiv:2305.14876"
 
@@ -166,13 +165,6 @@ class RNP(Defense):
     recover_epochs: int = param(20, low=0, doc="mask training epochs")
     alpha: float = param(0.2, low=0.0, doc="recovering loss = alpha x cross-entropy")
     batch_size: int = param(128, low=1, doc="images per step (unlearning and recovering)")
-    threshold: float = param(0.2, low=0.0, high=1.0, doc="prune channels with mask <= this (select=fixed)")
-    select: Literal["fixed", "auto"] = param("fixed", doc="fixed threshold, or chosen on held-out defense data")
-    holdout: float = param(HOLDOUT, low=0.0, high=0.9, doc="select=auto: fraction of the defense data held out")
-    # 0.05: the evidence is in defenses/select.py (MAX_ACC_DROP).
-    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out drop of select_measure (a fraction)")
-    select_measure: Literal["accuracy", "probability"] = param(
-        "accuracy", doc="select=auto: what the drop is measured in: held-out accuracy, or mean probability of the right label")
     # Off by default (the official code keeps the original running statistics). Zeroing a
     # channel shifts the statistics of every BatchNorm after it; in a wide network (ResNet-18:
     # 4800 channels, 24 pruned in the official log) the shift is negligible, in a narrow one it
@@ -181,11 +173,6 @@ class RNP(Defense):
     # once they were re-estimated on the defense data. On GTSRB's resnet18 w16 (1200 channels,
     # quick preset, select=auto) it gave no gain: CA 93.9 / 89.7 / 93.9 % vs 95.2 / 92.3 / 92.5 %.
     recalibrate_bn: bool = param(False, doc="after pruning, re-estimate BatchNorm running statistics on the defense data")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.select == "auto" and self.holdout <= 0:
-            raise BenchError("rnp.select=auto needs rnp.holdout > 0 (the held-out share of the defense data)")
 
     # ------------------------------------------------------------ the three stages
     def epoch(self, data: ImageSet, ctx: DefenseContext, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

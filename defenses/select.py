@@ -45,11 +45,13 @@ on noise. Applied to the official RNP log's test CA it would pick 0.6 (CA -4.0 p
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
 
+from bench.config import Config, param
 from bench.data import ImageSet
 from bench.registry import BenchError
 from bench.train import accuracy, true_class_probability
@@ -57,6 +59,25 @@ from bench.train import accuracy, true_class_probability
 HOLDOUT = 0.2
 MAX_ACC_DROP = 0.05
 TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class ThresholdSelection(Config):
+    """The pruning-threshold settings of a defense with ``select=auto`` (RNP, ANP), declared once."""
+
+    threshold: float = param(0.2, low=0.0, high=1.0, doc="prune channels with mask <= this (select=fixed)")
+    select: Literal["fixed", "auto"] = param("fixed", doc="fixed threshold, or chosen on held-out defense data")
+    holdout: float = param(HOLDOUT, low=0.0, high=0.9, doc="select=auto: fraction of the defense data held out")
+    # 0.05: the evidence is in this module's docstring (MAX_ACC_DROP).
+    max_acc_drop: float = param(MAX_ACC_DROP, low=0.0, high=1.0, doc="select=auto: allowed held-out drop of select_measure (a fraction)")
+    select_measure: Literal["accuracy", "probability"] = param(
+        "accuracy", doc="select=auto: what the drop is measured in: held-out accuracy, or mean probability of the right label")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.select == "auto" and self.holdout <= 0:
+            name = getattr(type(self), "name", type(self).__name__)
+            raise BenchError(f"{name}.select=auto needs {name}.holdout > 0 (the held-out share of the defense data)")
 
 
 def split_holdout(data: ImageSet, fraction: float, gen: torch.Generator, who: str) -> tuple[ImageSet, ImageSet]:
