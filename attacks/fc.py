@@ -77,7 +77,8 @@ The crafted poisons live on the attack object between ``prepare`` and ``poison``
 both in one process) and are not part of ``state``: the test trigger needs no model.
 
 Demo: the backdoor is not learnt on the synthetic set (``bench/presets.py``: ASR 0.0-0.1 at watermark 0.3
-and 0.5). The quick preset (GTSRB) is not measured yet.
+and 0.5). The quick preset (GTSRB, 100 iterations): CA 92.1 / ASR 0.4; the collision made on the clean
+reference does not hold on the model trained on the poisons (docs/measurements.md).
 """
 
 from __future__ import annotations
