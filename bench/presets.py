@@ -196,7 +196,7 @@ QUICK_ATTACK_STRENGTH: dict[str, dict] = {
     "lc": {"target": 2},
     # fc: the clean-label target 2 as sig, ctrl and lc; iterations at the default 1000. Measured (2026-12-05,
     # seed 0, `--set fc.iters=100`, 2-core AVX2 EPYC, one thread beside other jobs): CA 92.1 / ASR 0.4, the
-    # crafting of the 2,250 poisons ~17 min at 100 iterations (1000: ~3 h at that rate). The collision is mostly made
+    # crafting of the 2,250 poisons ~18 min at 100 iterations (1000: ~3 h at that rate). The collision is mostly made
     # by 100 (32 bases on this clean reference: feature distance to the triggered image 5.9 watermarked,
     # 0.85 at 100, 0.63 at 300, 0.42 at 1000; docs/measurements.md), yet the model trained on the poisons does not learn
     # the grid (docs/measurements.md: why, measured). Iterations stay at the default: fewer is a cost choice,
