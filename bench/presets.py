@@ -202,6 +202,11 @@ QUICK_ATTACK_STRENGTH: dict[str, dict] = {
     # the grid (docs/measurements.md: why, measured). Iterations stay at the default: fewer is a cost choice,
     # not a strength one, and `--set fc.iters=100` reproduces the row.
     "fc": {"target": 2},
+    # dfst at its defaults (5 % of each batch stylised, strength 0.6; 2026-12-05, 2-core AVX2 EPYC, fp32, two threads
+    # beside other jobs): CA 94.4 / ASR 88.5 against the clean model's 97.5, the misses on bright images
+    # (docs/measurements.md). 10 % of each batch (this preset; the setting that closed the same gap on the demo, where
+    # strength 0.8 was needed too): 94.8 / 95.6, the model in 702 s on one thread beside another job.
+    "dfst": {"poison_rate": 0.1},
     # Not strength: LIRA's generator at width 8 here (the official UNet: 64), as on the demo. At 64 the look-ahead
     # step of stage 1 took 60 min for 246 of its 306 steps (2026-12-05, 2-core AVX2 EPYC, two threads beside other
     # jobs), so one model would take hours on a CPU. At 8 (one thread beside other jobs): CA 95.9 / ASR 100.0
