@@ -48,19 +48,19 @@ from torch import nn
 from bench.data import Augmentation, ImageSet, augment, step_generator
 from bench.train import TrainConfig, bf16_supported, synchronize, train
 
-def _preset_width(preset: str, model: str) -> int:
+def _preset_fields(preset: str, model: str) -> dict:
     from bench.presets import PRESETS
 
-    return int(PRESETS[preset].fields[model]["width"])
+    return dict(PRESETS[preset].fields[model])
 
 
-# The plain names are the models at the width their preset trains: "smallcnn" as in the demo,
+# The plain names are the models as their preset trains them: "smallcnn" as in the demo,
 # "resnet18" as in the quick preset; the others are there to show how throughput moves with width.
 PERF_MODELS: dict[str, tuple[str, dict]] = {
-    "smallcnn": ("smallcnn", {"width": _preset_width("demo", "smallcnn")}),
+    "smallcnn": ("smallcnn", _preset_fields("demo", "smallcnn")),
     "smallcnn-w32": ("smallcnn", {"width": 32}),
     "resnet18-w8": ("resnet18", {"width": 8}),
-    "resnet18": ("resnet18", {"width": _preset_width("quick", "resnet18")}),
+    "resnet18": ("resnet18", _preset_fields("quick", "resnet18")),
 }
 
 QUICK_RNP = {"unlearn_epochs": 2, "unlearn_milestones": (), "recover_epochs": 2}
@@ -345,7 +345,7 @@ def rnp_time(device: torch.device, quick: bool) -> float | None:
         return None
     ds = Synthetic(n_train=128 if quick else 2000, n_test=10)
     train_set, _ = ds.load()
-    model = MODELS.get("smallcnn")(width=_preset_width("demo", "smallcnn")).build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=0)
+    model = MODELS.get("smallcnn")(**_preset_fields("demo", "smallcnn")).build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=0)
     # A trained model, so that RNP's unlearning has accuracy to remove (it stops at <= 20%).
     train(model, train_set, TrainConfig(epochs=1 if quick else 3), ds.augmentation, seed=0, device=device)
     clean = defense_subset(train_set, 100, seed=0)
@@ -443,7 +443,8 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append("seconds")
     rnp = result.get("rnp_seconds")
-    rnp_label = f"rnp defense (smallcnn w{_preset_width('demo', 'smallcnn')}, 100 images)"
+    demo_model = " ".join(f"{k} {v}" for k, v in _preset_fields("demo", "smallcnn").items())
+    rnp_label = f"rnp defense (smallcnn {demo_model}, 100 images)"
     lines.append(f"  {rnp_label:<34}" + (f"{rnp:>14.2f} s" if rnp is not None else f"{'not registered':>14}"))
     lines.append(f"  {'total':<34}{result['total_seconds']:>14.1f} s")
     busy = [x for x in (result.get("load_before"), result.get("load_after")) if x is not None]

@@ -133,13 +133,29 @@ class Preset:
 #       poison_rate 0.256 (1,280 images, the official count): 82.7 / 80.3;  with eps 0.01 (this preset): 86.8 / 92.0
 #       lr 1e-4 at 0.256 with eps 0.01 / 0.02: 79.7 / 77.8, 79.9 / 77.8. The width-8 smallcnn loses clean accuracy
 #       under any l_inf move of all its weights; CA stays 13 points below the clean model (see the report).
+# 2026-12-05: the demo's data became noisier (noise 0.12) and its model's third stage wider (see the demo preset
+# below), and every attack was trained again on it, seed 0 (2-core AMD EPYC, AVX2 only: fp32, one thread per worker,
+# `bench run --attack all --defense none --preset demo --seeds 0`, beside other jobs). CA / ASR in %; clean model CA 99.6:
+#   adaptive_blend 100.0 / 85.3, badnets 99.9 / 100.0, dfst 99.8 / 96.3, sig 99.4 / 96.0, lf 98.7 / 97.3,
+#   trojan 99.8 / 98.9, lira 98.9 / 97.0, awp 89.0 / 89.0 (settings unchanged); fc 91.7 / 0.1, lc 99.7 / 0.3 (as before)
+#   blend at its default alpha 0.2, seeds 0 / 1 / 2: 95.1 / 71.8, 96.0 / 74.9, 95.5 / 71.3; alpha 0.3 (this preset):
+#       98.0 / 90.1, 98.4 / 93.6, 97.2 / 89.2
+#   wanet at s 1.0 (the setting before): 99.9 / 89.9, 99.7 / 79.4, 99.8 / 17.7;  s 1.5: 99.4 / 53.2, 99.7 / 21.6,
+#       99.8 / 48.6;  15 % of each batch: 99.7 / 84.4, 99.0 / 94.8, 99.5 / 15.0;  cross_ratio 1: 100 / 82.6,
+#       99.5 / 72.0, 99.8 / 81.6;  cross_ratio 0.5: 99.8 / 96.0, 99.9 / 94.0, 99.9 / 90.0;  cross_ratio 1 with 15 %
+#       (this preset): 99.6 / 97.4, 100 / 95.8, 99.8 / 94.6 (RNP keeps CA within 3.2 points on these, not at 0.5)
+#   bpp at 20 %: 99.9 / 76.1;  30 % (this preset): 99.7 / 83.9
+#   ctrl at magnitude 2000: 97.7 / 72.0;  3000 (this preset): 98.6 / 95.7
+#   iad at 50 % (kept): 91.8 / 75.9 (short of 80);  60 %: 83.2 / 88.4 (CA 16 points under the clean model)
+# The lines below were measured on the demo before, at noise 0.06 (width 8 or 16 as each says).
 DEMO_ATTACK_STRENGTH: dict[str, dict] = {
     "awp": {"poison_rate": 0.256, "eps": 0.01},
     "sig": {"poison_rate": 0.09, "delta": 120.0},
-    "wanet": {"s": 1.0},
-    "bpp": {"squeeze_num": 4, "poison_rate": 0.2},
+    "wanet": {"s": 1.0, "cross_ratio": 1.0, "poison_rate": 0.15},
+    "blend": {"alpha": 0.3},
+    "bpp": {"squeeze_num": 4, "poison_rate": 0.3},
     "adaptive_blend": {"poison_rate": 0.05, "cover_rate": 0.03, "alpha": 0.3, "test_alpha": 0.4},
-    "ctrl": {"poison_rate": 0.095, "magnitude": 2000.0},
+    "ctrl": {"poison_rate": 0.095, "magnitude": 3000.0},
     "iad": {"poison_rate": 0.5, "gen_width": 8},
     "lf": {"amplitude": 0.4},
     # Not strength: LC's PGD takes 10 steps here instead of 100. At 1.5/255 a step the 8/255 bound is
@@ -221,8 +237,34 @@ PRESETS: dict[str, Preset] = {
         dataset="synthetic",
         model="smallcnn",
         train=TrainConfig(epochs=10, batch_size=128, lr=0.2),
-        defense_data=500,
-        # RNP at width 8 (112 BN channels; 2026-12-03). Ten attacks x seeds 0-2 (lc left out), bf16 models,
+        defense_data=1000,
+        # The demo's data, model and RNP settings since 2026-12-05: Gaussian pixel noise 0.12 (from 0.06), the
+        # smallcnn's third stage at 8 x width (widths 8, 16, 64: 176 BatchNorm channels instead of 112), 1,000
+        # defense images (from 500), RNP stopping unlearning at 0.4 and picking its threshold on the held-out mean
+        # probability within 3 points (the quick preset's rule). The goal: RNP brings BadNets, Blend and WaNet to
+        # ASR <= 20 % within 5 CA points on seeds 0, 1 and 2 (9 cells), as it does on GTSRB. Why these: at noise 0.06
+        # the ten shapes are learnt perfectly (CA 99.7-100 %), so the clean defense data carries almost no
+        # gradient, and the width-8 masks did not isolate BadNets or Blend (some threshold of the oracle curve met
+        # both bounds on at most 5 of the 9 cells, docs/measurements.md). Measured (2-core AMD EPYC, AVX2 only:
+        # fp32, one thread per worker, `bench run --attack badnets,blend,wanet --defense rnp --seeds 0,1,2
+        # --preset demo --set ...`, the model as a plugin of the same layers; "met": RNP's own choice within both
+        # bounds; "oracle": some threshold of the harness's curve, a view RNP does not have):
+        #   width 8, noise 0.06 (the demo before), RNP at 0.5 / accuracy 5 %:  met 3 of 9, oracle 4
+        #   widths 8/16/64, noise 0.06:              met 3 (probability 3 %: 6), oracle 5 (Blend on none)
+        #   widths 8/32/64, noise 0.06, seed 0:      met 3 of 3, but each model at twice width 8's training time
+        #   widths 8/16/64, noise 0.09:              met 6 (probability 3 %: 7), oracle 8 (Blend implanted 48-57 % only)
+        #   widths 8/16/64, noise 0.12:              met 6 (probability 3 %: 7), oracle 9
+        #   width 8, noise 0.15 / 0.2, seed 0:       BadNets does not implant (ASR 1.3 / 0.7 %)
+        # and at noise 0.12 with widths 8/16/64, Blend at alpha 0.3 and WaNet at 15 % with cross_ratio 1 (their
+        # settings below), by RNP setting (clean_threshold, held-out rule; the failing cells named):
+        #   0.5, accuracy 5 %: met 6 (CA -5.2 to -9.8 on 3);  0.5, probability 3 %: 8 (Blend s2 43.8 %)
+        #   0.4, accuracy 5 %: 7;  0.4, probability 2 / 3 / 5 / 7 %: 8 / 8 / 8 / 6 (Blend s2 27.1 %: its zero masks
+        #       alone cost 6 % of the held-out probability, so the rule falls back to threshold 0)
+        #   0.3, probability 3 %: 8 (WaNet s2 CA -9.6, oracle 8)
+        #   0.4, probability 3 %, 1,000 defense images (this preset): met 9 of 9, oracle 9: ASR 4.8 / 11.0 / 1.3
+        #       (BadNets), 8.7 / 0.1 / 1.8 (Blend), 0.0 / 0.0 / 0.0 (WaNet); CA at most 3.2 points lower (WaNet s2)
+        # The attacks whose strength had been set at noise 0.06 were checked again at 0.12 (below).
+        # Before 2026-12-05: RNP at width 8 (112 BN channels; 2026-12-03). Ten attacks x seeds 0-2 (lc left out), bf16 models,
         # cells with ASR <= 20 % and CA >= 90 %, mean CA, lowest CA (all with select=auto, recalibrate_bn):
         #   clean_threshold 0.3 (width 16's setting):        12 of 30, 89.9, 49.2 (Blend seed 0: 18 masks at 0)
         #   0.3 with max_acc_drop 0.10:                      11 of 30, 87.2, 49.2
@@ -281,8 +323,9 @@ PRESETS: dict[str, Preset] = {
         # The oracle pruning curve (plots only) is evaluated on 200 images of each test set instead of
         # all (1,000 clean, 900 triggered here): 500 halved the cost of the 19 evaluations per RNP cell at
         # width 16 (4-5.5 s a cell without bf16), 200 took it to ~1-2 s.
-        fields={"synthetic": {"n_train": 5000, "n_test": 1000}, "smallcnn": {"width": 8},
-                "rnp": {"select": "auto", "recalibrate_bn": True, "clean_threshold": 0.5},
+        fields={"synthetic": {"n_train": 5000, "n_test": 1000, "noise": 0.12}, "smallcnn": {"width": 8, "last_factor": 8},
+                "rnp": {"select": "auto", "recalibrate_bn": True, "clean_threshold": 0.4,
+                        "select_measure": "probability", "max_acc_drop": 0.03},
                 "strip": {"n_overlays": 10}, "nc_label": {"epochs": 3}, "rnp_trigger": {"epochs": 5},
                 "run": {"sweep_images": 200}, **DEMO_ATTACK_STRENGTH},
         # One worker process per core, one thread each. A width-8 smallcnn step is too small for two

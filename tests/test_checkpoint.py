@@ -15,11 +15,18 @@ from safetensors.torch import load_file, save_file
 
 from bench.cli import main
 from bench.models import MODELS
+from bench.presets import PRESETS
 
 TINY = ["--set=synthetic.n_train=300", "--set=synthetic.n_test=100", "--set=smallcnn.width=4", "--set=train.epochs=1",
         "--set=train.batch_size=64", "--set=run.defense_data=40"]
 COMMON = ["--model", "smallcnn", "--dataset", "synthetic", "--preset", "demo", "--jobs", "1", "--quiet", *TINY]
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_defense.py"
+DEMO = PRESETS["demo"].fields  # what the demo preset sets besides TINY
+
+
+def tiny_net(mean, std):
+    """The network TINY trains under the demo preset."""
+    return MODELS.get("smallcnn")(width=4, last_factor=DEMO["smallcnn"]["last_factor"]).build(10, 3, mean, std)
 
 
 @pytest.fixture(autouse=True)
@@ -118,8 +125,8 @@ def test_defend_resumes_and_a_changed_checkpoint_is_a_new_model(trained, tmp_pat
     from bench.data import DATASETS
     from bench.metrics import TriggeredSet, evaluate
 
-    ds = DATASETS.get("synthetic")(n_train=300, n_test=100)
-    net = MODELS.get("smallcnn")(width=4).build(10, 3, ds.mean, ds.std)
+    ds = DATASETS.get("synthetic")(n_train=300, n_test=100, noise=DEMO["synthetic"]["noise"])
+    net = tiny_net(ds.mean, ds.std)
     net.load_state_dict(load_file(str(tmp_path / "saved" / "synthetic-smallcnn-unknown-shrink-s0.safetensors")))
     _, test = ds.load()
     assert evaluate(net.eval(), test, TriggeredSet(test.x[:0], test.y[:0], test.y[:0]))["ca"] == shrink["metrics"]["ca"]
@@ -198,7 +205,7 @@ def test_normalize_is_applied_and_checked(trained, tmp_path):
         with pytest.raises(BenchError, match="--normalize"):
             parse_normalize(bad)
     ckpt = Checkpoint.open(foreign_pt(trained, tmp_path / "n.pt"), "0.5,0.25")
-    net = MODELS.get("smallcnn")(width=4).build(10, 3, (0.1,) * 3, (0.2,) * 3)
+    net = tiny_net((0.1,) * 3, (0.2,) * 3)
     load_into(net, ckpt, 10, "synthetic", "smallcnn")
     assert torch.equal(net.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(net.std.flatten(), torch.full((3,), 0.25))
 

@@ -289,3 +289,15 @@ def test_train_extension_end_runs_when_training_fails():
     with pytest.raises(RuntimeError):
         train(m, train_set, TrainConfig(epochs=1, batch_size=32), Augmentation(0, False), seed=0, extensions=[Boom()])
     assert ended == [True]
+
+
+def test_smallcnn_last_factor_widens_the_third_stage_only():
+    """``last_factor`` sets the third stage's channels as a multiple of ``width`` (the demo's 8); 4 is the old network."""
+    from torch import nn as tnn
+
+    def convs(**kw):
+        net = MODELS.get("smallcnn")(width=4, **kw).build(10, 3, (0.5,) * 3, (0.29,) * 3).net
+        return [m.out_channels for m in net.modules() if isinstance(m, tnn.Conv2d)], net[-1].in_features
+
+    assert convs() == ([4, 4, 8, 8, 16, 16], 16)
+    assert convs(last_factor=8) == ([4, 4, 8, 8, 32, 32], 32)

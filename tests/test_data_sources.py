@@ -15,6 +15,7 @@ from PIL import Image
 
 from bench import data as bdata
 from bench.data import DATASETS
+from bench.presets import PRESETS
 from bench.registry import BenchError
 
 
@@ -101,7 +102,7 @@ def test_records_and_model_sidecars_name_the_data(tmp_path):
             "train": {"epochs": "1", "batch_size": "64"}, "run": {"defense_data": "20"}}
     cells = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", overrides=tiny).plan().defense_cells
     (rec,) = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda m: None)
-    train, test = DATASETS.get("synthetic")(n_train=200, n_test=50).load()
+    train, test = DATASETS.get("synthetic")(n_train=200, n_test=50, noise=PRESETS["demo"].fields["synthetic"]["noise"]).load()
     assert rec["data"] == {"source": "built-in", "digest": bdata.digest(train, test)}
     assert read_json(model_dir(cells[0].job) / "meta.json")["data"] == rec["data"]
 

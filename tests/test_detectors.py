@@ -36,7 +36,10 @@ from defenses import DefenseContext
 from detectors import DETECTORS, Detection, Detector
 from detectors.rnp_label import histogram_facts, unlearning_speed
 from bench.data import ImageSet
+from bench.presets import PRESETS
 from test_nc import FAST, K, NO_AUG, TARGET, prototypes
+
+DEMO_NOISE = PRESETS["demo"].fields["synthetic"]["noise"]  # the demo preset's data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
@@ -462,7 +465,7 @@ def test_the_harness_hands_a_detector_nothing_about_the_attack_and_scores_with_t
     cells, det = grid(tmp_path, [SpyDetector()])
     recs = run_grid(cells, tmp_path / "run", preset="demo", progress=False, log=lambda s: None, detect=det)
     assert all(r["status"] == "ok" for r in recs) and len(SEEN) == 2
-    train_set, test_set = DATASETS.get("synthetic")(n_train=300, n_test=100).load()
+    train_set, test_set = DATASETS.get("synthetic")(n_train=300, n_test=100, noise=DEMO_NOISE).load()
     for (args, kwargs), cell in zip(SEEN, [c for c in cells if c.job.attack.name in ("clean", "badnets")]):
         assert not kwargs and len(args) == 3
         model, clean, c = args
@@ -643,7 +646,10 @@ def test_detectors_take_the_defense_settings_first(tmp_path):
                     overrides={"rnp": {"unlearn_lr": "0.03"}})
     _, det = spec.plan()
     d = det[0].detector
-    assert d.clean_threshold == 0.5 and d.select == "auto", "the demo preset's rnp fields"
+    from defenses.rnp import RNP
+
+    assert d.clean_threshold == PRESETS["demo"].fields["rnp"]["clean_threshold"] != RNP().clean_threshold, "the demo preset's rnp fields"
+    assert d.select == "auto"
     assert d.unlearn_lr == 0.03, "--set rnp.* reaches the detector"
     spec.overrides["rnp_label"] = {"unlearn_lr": "0.07"}
     assert spec.plan()[1][0].detector.unlearn_lr == 0.07, "its own --set wins"
@@ -653,7 +659,7 @@ def test_a_preset_sets_detector_and_run_fields_and_set_overrides_them():
     """The demo preset's STRIP uses 10 overlays and its sweep 200 images; --set gives the defaults back."""
     spec = GridSpec(attacks=["badnets"], defenses=["none"], preset="demo", detectors=["strip"])
     cells, det = spec.plan()
-    assert det[0].detector.n_overlays == 10 and cells[0].run.sweep_images == 200 and cells[0].run.defense_data == 500
+    assert det[0].detector.n_overlays == 10 and cells[0].run.sweep_images == 200 and cells[0].run.defense_data == 1000
     assert GridSpec(attacks=["badnets"], defenses=["none"], preset="quick").plan().defense_cells[0].run.sweep_images == 2000
     spec.overrides["run"] = {"sweep_images": "0"}
     assert spec.plan()[0][0].run.sweep_images == 0

@@ -18,6 +18,7 @@ from bench.data import cache_dir
 from bench.run.plan import DefenseCell, GridSpec, model_dir
 from bench.run.rundir import RunDir
 from bench.run.execute import run_grid
+from bench.presets import PRESETS
 from defenses.base import Defense, DefenseResult
 
 TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
@@ -233,7 +234,6 @@ def test_a_lone_job_of_a_parallel_grid_trains_with_the_workers_thread_count(tmp_
 def test_jobs_auto_is_one_worker_per_core_on_the_cpu_and_one_on_cuda():
     from bench.cli import _jobs
     from bench.run.execute import cpu_cores
-    from bench.presets import PRESETS
 
     assert _jobs("auto", "cpu") == cpu_cores() and _jobs("auto", "cuda") == 1 and _jobs("3", "cpu") == 3
     assert PRESETS["demo"].jobs == "auto" and PRESETS["quick"].jobs == 1
@@ -264,7 +264,7 @@ def test_a_defense_receives_only_clean_training_images_and_no_attack_facts(tmp_p
     assert recs[0]["status"] == "ok" and len(SEEN) == 1
     x, y, ctx = SEEN[0]
     assert set(ctx) == {"num_classes", "augmentation", "seed", "device", "bf16", "progress"}  # nothing about the attack
-    train_set, test_set = DATASETS.get("synthetic")(n_train=300, n_test=100).load()
+    train_set, test_set = DATASETS.get("synthetic")(n_train=300, n_test=100, noise=PRESETS["demo"].fields["synthetic"]["noise"]).load()
     _, _, poison_idx, triggered = load_model(cells[0].job, "cpu")
     rows = lambda t: {bytes(r.numpy().tobytes()) for r in t.flatten(1)}  # noqa: E731
     ours = rows(x)

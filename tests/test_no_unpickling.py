@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from bench.cli import main
 from bench.run.plan import GridSpec, model_dir
+from bench.presets import PRESETS
 from bench.run.execute import run_grid
 
 TINY = {"synthetic": {"n_train": "300", "n_test": "100"}, "smallcnn": {"width": "4"}, "train": {"epochs": "1", "batch_size": "64"},
@@ -125,7 +126,7 @@ def test_defend_reads_a_checkpoint_without_unpickling_code(unpickling_forbidden,
     pass and records anything else); a planted code-running pickle is refused and does not run."""
     from bench.models import MODELS
 
-    net = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.5,) * 3).net
+    net = MODELS.get("smallcnn")(width=4, last_factor=PRESETS["demo"].fields["smallcnn"]["last_factor"]).build(10, 3, (0.5,) * 3, (0.5,) * 3).net
     torch.save({"state_dict": net.state_dict()}, tmp_path / "ok.pt")
     args = ["defend", "--model", "smallcnn", "--dataset", "synthetic", "--defense", "none", "--preset", "demo", "--jobs", "1",
             "--quiet", *[f"--set={c}.{k}={v}" for c, kv in TINY.items() for k, v in kv.items()]]
