@@ -171,7 +171,16 @@ DEMO_ATTACK_STRENGTH: dict[str, dict] = {
     # 2-core AMD EPYC with AVX2 only, fp32, one thread, seed 0): CA 97.6 / ASR 98.9; the model took 118 s in the
     # README's first command from a fresh clone (idle; the other models 18-21 s, docs/measurements.md): its
     # generator's look-ahead step every batch of the first 2 epochs. Width 64 was not timed to the end here.
-    "lira": {"gen_width": 8},
+    # Not strength either: on a 2-core CPU with native bf16 LIRA was the first command's longest model (102 s of
+    # the grid's 5 min 5 s from a fresh clone; the others 14-44 s; 2026-12-06, Xeon with AVX-512-BF16, bf16, one
+    # thread). cProfile of 3 epochs: stage 1's look-ahead (a second-order step in fp32) cost 0.9 s a batch, 35 s
+    # of its epoch, and stage 2 doubles every batch with triggered copies. The first-order generator step
+    # (`lookahead` false: its loss on the current classifier) and triggered copies of half of each batch (`poison_rate` 0.5),
+    # CA / ASR seeds 0 / 1 / 2 (bf16, one thread each, two at a time): 98.3 / 93.7, 96.6 / 93.1, 98.8 / 98.8 in
+    # 55-63 s; the official settings at width 8, seed 0: 99.1 / 98.8 (102 s); look-ahead alone off: 99.4 / 99.2;
+    # half the batch alone: 95.5 / 91.2 (87 s). In fp32 (`--set train.bf16=false`, the arithmetic of an AVX2-only
+    # CPU, seed 0): 96.0 / 92.3 (78 s).
+    "lira": {"gen_width": 8, "lookahead": False, "poison_rate": 0.5},
 }
 
 # Attack strength on the quick preset (GTSRB, ResNet-18 width 16, 4 epochs). The papers train for

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import bench.data
+import defenses.masks
 import defenses.rnp
 from bench.check import check_defense
 from bench.config import build
@@ -25,7 +26,7 @@ from defenses import DEFENSES, DefenseContext, DefenseResult
 from defenses.fp import FinePruning, head_features, last_linear
 from defenses.masks import attach_masks, prune, pruning_sweep
 from defenses.rnp import RNP, SWEEP, batches, recalibrate_bn
-from defenses.select import TOL
+from defenses.select import TOL, split_holdout
 
 from defense_fixtures import SYN, assert_pruned_by_masks, ctx, model, sets, state  # noqa: F401  (fixtures)
 
@@ -264,6 +265,30 @@ def test_rnp_recalibrate_bn_changes_only_the_pruned_models_statistics(model, set
     assert any(not torch.equal(a[k], p[k]) for k in a if "running_mean" in k), "statistics were re-estimated"
     _, swept, _ = next(pt for pt in res.sweep() if pt[0] == res.info["threshold"])
     assert same_state(state(swept), a), "the oracle sweep shows the same post-processing"
+
+
+def test_rnp_reestimates_each_pruned_set_once_with_the_same_numbers(model, sets, monkeypatch):
+    """Selection, result and sweep share the re-estimated statistics per pruned set; each equals a fresh re-estimate."""
+    calls = []
+    real = defenses.rnp.recalibrate_bn
+
+    def counted(m, data, batch_size=128):
+        calls.append(tuple(int((b.weight == 0).sum()) for b in m.modules() if isinstance(b, nn.BatchNorm2d)))
+        real(m, data, batch_size)
+
+    monkeypatch.setattr(defenses.rnp, "recalibrate_bn", counted)
+    res = RNP(recalibrate_bn=True, select="auto", **FAST_RNP)(copy.deepcopy(model), sets[1], ctx())
+    points = list(res.sweep())
+    masks = {k: torch.tensor(v) for k, v in res.info["masks"].items()}
+    distinct = {tuple(tuple(defenses.masks.pruned_channels(m, t).tolist()) for m in masks.values()) for t, _, _ in points}
+    assert len(distinct) > 1, "the sweep should cross several pruned sets for this test to say anything"
+    assert len(calls) == len(set(calls)) == len(distinct), "each pruned set re-estimated exactly once"
+    train_share, _ = split_holdout(sets[1], RNP().holdout, torch.Generator().manual_seed(ctx().seed), "rnp")
+    for t, swept, _ in points:
+        expect = copy.deepcopy(model)
+        prune(expect, masks, t)
+        real(expect, train_share, FAST_RNP["batch_size"])
+        assert same_state(state(swept), state(expect)), f"threshold {t}"
 
 
 @pytest.mark.parametrize("kw", [dict(threshold=1.5), dict(threshold=-0.1), dict(clean_threshold=1.2),
