@@ -240,7 +240,7 @@ def backdoored() -> tuple:
 
 
 def test_ibau_removes_a_planted_backdoor(backdoored):
-    """Defaults except batch_size (200 images in 5 batches, as 500 in 5 at the default 100).
+    """Defaults except batch_size (200 images in 5 batches, as 500 in 5 at the default 100) and 10 rounds.
 
     Tiny models are a hard case for i-BAU: their universal adversarial perturbation is often a
     natural one (the synthetic "X" or "plus" shape drawn over the image) rather than the trigger.
@@ -249,15 +249,21 @@ def test_ibau_removes_a_planted_backdoor(backdoored):
     -> 83 / 94 / 87 %. This test pins seed 1. On demo-scale models (smallcnn w16, 5000 images,
     10 epochs; seeds 0-2) default i-BAU took ASR 100 -> 0.7 / 16.7 / 0.0 % (CA >= 98.3 %) while
     the control stayed at 100 %.
+
+    The outcome depends on the CPU kind (the fixture trains in bf16 where the CPU has it, and fp32 kernels
+    differ): at 5 rounds, seed 1 gave 0.40 on an AVX2-limited Xeon but 0.64 on the same Xeon with its
+    AVX-512-BF16 (2026-12-06). At 10 rounds, seeds 0 / 1: native 0.54 / 0.54 (control 0.94 / 0.93),
+    AVX2-limited 0.50 / 0.39 (control 0.87 / 0.85); this test pins seed 1 at 10 rounds.
     """
     model, clean, test, triggered = backdoored
     before = evaluate(model, test, triggered)
     assert before["asr"] > 0.9 and before["ca"] > 0.95, before  # ASR 0.948 on an AVX2-only CPU (fp32 kernels, 2026-12-03)
-    res = IBAU(batch_size=40)(copy.deepcopy(model), clean, ctx(seed=1))
+    res = IBAU(batch_size=40, rounds=10)(copy.deepcopy(model), clean, ctx(seed=1))
     after = evaluate(res.model, test, triggered)
-    control = evaluate(IBAU(batch_size=40, pert_norm=0.0)(copy.deepcopy(model), clean, ctx(seed=1)).model, test, triggered)
+    control = evaluate(IBAU(batch_size=40, rounds=10, pert_norm=0.0)(copy.deepcopy(model), clean, ctx(seed=1)).model,
+                       test, triggered)
     assert after["asr"] < 0.6 and after["ca"] > 0.85, after
     assert after["asr"] < control["asr"] - 0.3, "the adversarial perturbation, not plain fine-tuning, removes it"
     info = res.info
-    assert info["batches"] == 5 and len(info["per_round"]) == 5
+    assert info["batches"] == 5 and len(info["per_round"]) == 10
     assert all(r["fooling_rate"] > 0.5 for r in info["per_round"]), "delta is adversarial"
