@@ -178,8 +178,8 @@ DEMO_ATTACK_STRENGTH: dict[str, dict] = {
     # (`lookahead` false: its loss on the current classifier) and triggered copies of half of each batch (`poison_rate` 0.5),
     # CA / ASR seeds 0 / 1 / 2 (bf16, one thread each, two at a time): 98.3 / 93.7, 96.6 / 93.1, 98.8 / 98.8 in
     # 55-63 s; the official settings at width 8, seed 0: 99.1 / 98.8 (102 s); look-ahead alone off: 99.4 / 99.2;
-    # half the batch alone: 95.5 / 91.2 (87 s). In fp32 (`--set train.bf16=false`, the arithmetic of an AVX2-only
-    # CPU, seed 0): 96.0 / 92.3 (78 s).
+    # half the batch alone: 95.5 / 91.2 (87 s). In fp32 (`--set train.bf16=false`, as an AVX2-only CPU trains,
+    # though with this CPU's AVX-512 kernels; seed 0): 96.0 / 92.3 (78 s).
     "lira": {"gen_width": 8, "lookahead": False, "poison_rate": 0.5},
 }
 

@@ -24,6 +24,7 @@ network (``bench/presets.py``).
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -65,6 +66,7 @@ def test_the_cases_cover_every_removal_defense():
 RECIPES = {"anp": (0.2, 12)}  # (poison rate, epochs) where not (0.3, 8): see the module notes
 
 
+@functools.cache  # each recipe trained once per test session
 def plant(rate: float, epochs: int):
     train_set = prototypes(1000, seed=1)
     atk = ATTACKS.get("badnets")(target=TARGET, poison_rate=rate)
@@ -79,17 +81,9 @@ def plant(rate: float, epochs: int):
     return model, prototypes(200, seed=3), test, atk.test_set(test), control
 
 
-_PLANTED: dict = {}
-
-
-@pytest.fixture(scope="module")
-def planted():
-    def get(name: str):
-        recipe = RECIPES.get(name, (0.3, 8))
-        if recipe not in _PLANTED:
-            _PLANTED[recipe] = plant(*recipe)
-        return _PLANTED[recipe]
-    return get
+def planted(name: str):
+    """The backdoored model, clean defense images, test sets and control metrics for defense ``name``."""
+    return plant(*RECIPES.get(name, (0.3, 8)))
 
 
 def works(metrics: dict, control: dict) -> bool:
@@ -97,7 +91,7 @@ def works(metrics: dict, control: dict) -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_each_defense_removes_a_planted_backdoor_and_a_broken_copy_does_not(name, planted, monkeypatch):
+def test_each_defense_removes_a_planted_backdoor_and_a_broken_copy_does_not(name, monkeypatch):
     model, clean, test, triggered, control = planted(name)
     settings, broken = CASES[name]
     ctx = DefenseContext(num_classes=K, augmentation=NO_AUG, seed=0, bf16=False)

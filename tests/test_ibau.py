@@ -244,9 +244,9 @@ def test_ibau_removes_a_planted_backdoor(backdoored):
 
     Tiny models are a hard case for i-BAU: their universal adversarial perturbation is often a
     natural one (the synthetic "X" or "plus" shape drawn over the image) rather than the trigger.
-    Measured with this recipe on seeds 0 / 1 / 2: ASR 98 / 100 / 97 % -> 92 / 40 / 66 % (CA >= 86 %),
+    Measured at the default 5 rounds on seeds 0 / 1 / 2: ASR 98 / 100 / 97 % -> 92 / 40 / 66 % (CA >= 86 %),
     and with the perturbation switched off (pert_norm=0, plain Adam steps on the clean data)
-    -> 83 / 94 / 87 %. This test pins seed 1. On demo-scale models (smallcnn w16, 5000 images,
+    -> 83 / 94 / 87 %. On demo-scale models (smallcnn w16, 5000 images,
     10 epochs; seeds 0-2) default i-BAU took ASR 100 -> 0.7 / 16.7 / 0.0 % (CA >= 98.3 %) while
     the control stayed at 100 %.
 
