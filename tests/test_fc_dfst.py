@@ -13,7 +13,7 @@ from torch import nn
 
 import attacks  # noqa: F401  (registers the built-in attacks)
 from attacks import ATTACKS
-from attacks.dfst import DFST, DFSTTraining, compromised_neurons, sunrise, train_injector
+from attacks.dfst import DFST, DFSTTraining, compromised_neurons, sunrise, train_injector, window_max
 from attacks.fc import FeatureCollision, feature_collision, penultimate_features, scaled_beta
 from bench.data import Augmentation, ImageSet
 from bench.models import MODELS
@@ -210,6 +210,18 @@ def test_dfst_compromised_neurons_are_the_largest_increases():
     styled[:, 0, 0, 0] = 0.5
     assert compromised_neurons(model, clean, styled, 0.01).tolist() == [2]  # at least one
     assert compromised_neurons(model, clean, styled, 0.5).tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 11, 13])
+def test_dfst_window_max_is_max_pooling(k):
+    # the injector's neighbourhood maximum, computed by doubling spans, equals max_pool2d's, ties and
+    # windows wider than the image included (uint8-like values tie often)
+    gen = torch.Generator().manual_seed(k)
+    for shape in [(4, 3, 32, 32), (2, 1, 28, 28), (3, 3, 7, 9), (2, 3, 4, 4)]:
+        x = torch.randint(0, 6, shape, generator=gen).float() / 5 - 0.5
+        expected = F.max_pool2d(x, k, 1, k // 2, ceil_mode=True)[..., :shape[2], :shape[3]]
+        assert torch.equal(window_max(x, k), expected)
+        assert torch.equal(-window_max(-x, k), -F.max_pool2d(-x, k, 1, k // 2, ceil_mode=True)[..., :shape[2], :shape[3]])
 
 
 def test_dfst_injector_gets_gradient_steps_and_leaves_the_model_alone():
