@@ -82,6 +82,8 @@ reference does not hold on the model trained on the poisons (docs/measurements.m
 transfer-learning victim (the reference's features frozen, its head retrained on the poisoned set) learn the
 trigger: CA 93.1 / ASR 6.3 on the quick preset, 99.5 / 0.6 on the demo; the trigger moves the reference's
 features by a tenth of their spread within a class, so a head cannot tell a triggered image from its original.
+Pasting the full grid on every poison as well (LC's visible trigger on top of the collision; an experiment, not an
+option here) does not implant it on the demo either: ASR 0.2 at watermark 0.3, 1.2 at 0 (``bench/presets.py``).
 """
 
 from __future__ import annotations

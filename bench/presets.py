@@ -124,7 +124,10 @@ class Preset:
 #       watermark 0.3 (its default): 97.5 / 0.1;  watermark 0.5: 91.1 / 0.0;  watermark 0.5 at rate 0.09: 100 / 0.0.
 #       Not reached; defaults kept. The collision itself works on the clean reference (attacks/fc.py: feature
 #       distance 6.8 -> 0.6), but, as for lc, a freshly trained model fits the target-class poisons by their
-#       shape and does not take up the faint grid they carry.
+#       shape and does not take up the faint grid they carry. Nor with the full grid pasted on every poison
+#       (an experiment plugin, 2026-12-06, bf16 Xeon, seed 0, 50 iterations; LC's visible-trigger variant on
+#       top of the collision): watermark 0.3: 93.8 / 0.2; watermark 0 (the collision alone, then the grid):
+#       99.7 / 1.2. All 500 disk images carry the grid, and the model still tells the classes by shape.
 # 2026-12-05, width 8, seed 0, 2-core AMD EPYC, 1 thread, awp perturbing the cached clean demo model
 # (CA 100) through build_model, evaluated in bf16 (/tmp sweep script calling AWP.build_model; the grid gives
 # the same numbers: `bench run --attack awp --defense none --preset demo --seeds 0` at the defaults: 61.7 / 81.1):
@@ -279,6 +282,12 @@ PRESETS: dict[str, Preset] = {
         #       --seeds 0,1,2 --set rnp.recover_epochs=N`): at 20, ASR 12.9 / 3.2 / 9.8, 16.1 / 0.8 / 0.3,
         #       0 / 0 / 0, CA at most 1.8 lower; at 10, 11.9 / 3.2 / 9.8, 16.2 / 1.4 / 1.7, 0 / 0 / 0, CA at most
         #       2.8 lower (BadNets s0), met 9 of 9 either way; the defense took 3.4-5.2 s a cell instead of 6-7.
+        #       With the instruction set limited to AVX2 on that Xeon (`ONEDNN_MAX_CPU_ISA=AVX2
+        #       ATEN_CPU_CAPABILITY=avx2`: fp32, as an AVX2-only CPU trains, though its models differ from the
+        #       EPYC's above): at 10, ASR 3.0 / 0.0 / 4.6, 12.6 / 0.3 / 5.9, 0.0 / 21.8 / 0.6; at 20, 3.0 / 0.0 /
+        #       4.6, 8.6 / 1.0 / 6.1, 0.0 / 21.8 / 0.1; CA at most 2.9 lower: 8 of 9 either way. WaNet s1 misses
+        #       by the rule, not the masks: its zero masks alone cost 5.2 points of held-out probability (3
+        #       allowed), so it keeps threshold 0 (ASR 21.8) where 0.1 would give 5.5 on the test set.
         # The attacks whose strength had been set at noise 0.06 were checked again at 0.12 (below).
         # Before 2026-12-05: RNP at width 8 (112 BN channels; 2026-12-03). Ten attacks x seeds 0-2 (lc left out), bf16 models,
         # cells with ASR <= 20 % and CA >= 90 %, mean CA, lowest CA (all with select=auto, recalibrate_bn):
