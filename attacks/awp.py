@@ -34,7 +34,9 @@ Defaults and sources: ``eps = 0.005`` (official ``model_eps``, absolute, l_inf);
 (official ``--lr`` with ``--optim adam``); ``epochs = 10`` (official ``num_epochs``);
 ``weight_reg = 5e-4`` (official ``weight_reg_param``); ``patch_size = 10`` (sqrt of
 ``num_pixels_changed`` = 100); ``poison_rate = 0.0256`` (1280 of 50,000); batch 128 (official
-loader). Target 0, as every attack here (the official code hard-codes label 1).
+loader). Target 0, as every attack here (the official code hard-codes label 1). The quick preset
+takes 60 epochs: at the official 10 its 4-epoch GTSRB model ended 4.3 CA points under the clean one,
+at 60 2.15 (``bench/presets.py``).
 
 Departures:
 
