@@ -285,8 +285,8 @@ PRESETS: dict[str, Preset] = {
         #   0.4, probability 3 %, 1,000 defense images (this preset): met 9 of 9, oracle 9: ASR 4.8 / 11.0 / 1.3
         #       (BadNets), 8.7 / 0.1 / 1.8 (Blend), 0.0 / 0.0 / 0.0 (WaNet); CA at most 3.2 points lower (WaNet s2)
         #   and with 10 recovering epochs instead of 20 (this preset since 2026-12-06): the official 20 epochs
-        #       over 500 images at batch 128 are 80 mask steps; the demo's 900 training images (100 held out)
-        #       make 7 batches an epoch, so 10 epochs are 70 steps, near the official count, 20 twice it. Same
+        #       over 500 images at batch 128 are 80 mask steps; the demo's 800 training images (200 held out)
+        #       make 6 batches an epoch, so 10 epochs are 60 steps, nearer the official count than 20's 120. Same
         #       models, bf16 on a 2-core Xeon with AVX-512-BF16 (`--attack badnets,blend,wanet --defense rnp
         #       --seeds 0,1,2 --set rnp.recover_epochs=N`): at 20, ASR 12.9 / 3.2 / 9.8, 16.1 / 0.8 / 0.3,
         #       0 / 0 / 0, CA at most 1.8 lower; at 10, 11.9 / 3.2 / 9.8, 16.2 / 1.4 / 1.7, 0 / 0 / 0, CA at most
