@@ -290,7 +290,8 @@ PRESETS: dict[str, Preset] = {
         #       models, bf16 on a 2-core Xeon with AVX-512-BF16 (`--attack badnets,blend,wanet --defense rnp
         #       --seeds 0,1,2 --set rnp.recover_epochs=N`): at 20, ASR 12.9 / 3.2 / 9.8, 16.1 / 0.8 / 0.3,
         #       0 / 0 / 0, CA at most 1.8 lower; at 10, 11.9 / 3.2 / 9.8, 16.2 / 1.4 / 1.7, 0 / 0 / 0, CA at most
-        #       2.8 lower (BadNets s0), met 9 of 9 either way; the defense took 3.4-5.2 s a cell instead of 6-7.
+        #       2.8 lower (BadNets s0), met 9 of 9 either way; the defense took 3.4-5.2 s a cell
+        #       (at 20: 6.4 / 7.1 / 7.9 s for these attacks' seed-0 cells in the first command).
         #       With the instruction set limited to AVX2 on that Xeon (`ONEDNN_MAX_CPU_ISA=AVX2
         #       ATEN_CPU_CAPABILITY=avx2`: fp32, as an AVX2-only CPU trains, though its models differ from the
         #       EPYC's above): at 10, ASR 3.0 / 0.0 / 4.6, 12.6 / 0.3 / 5.9, 0.0 / 21.8 / 0.6; at 20, 3.0 / 0.0 /
