@@ -298,6 +298,11 @@ PRESETS: dict[str, Preset] = {
         #       4.6, 8.6 / 1.0 / 6.1, 0.0 / 21.8 / 0.1; CA at most 2.9 lower: 8 of 9 either way. WaNet s1 misses
         #       by the rule, not the masks: its zero masks alone cost 5.2 points of held-out probability (3
         #       allowed), so it keeps threshold 0 (ASR 21.8) where 0.1 would give 5.5 on the test set.
+        # The other defenses on BadNets seed 0 (ASR <= 20 %), `bench run --attack badnets --defense all --preset demo`,
+        # 2026-12-06, Xeon with AVX-512-BF16: six of nine with bf16 (RNP 11.9, FP 8.1, FT 1.2, NAD 1.6, FST 2.3, i-BAU
+        # 19.2 once its search ran in float32 as the official code; 35.2 with the bf16 search; ANP 78.0, CLP and NC
+        # 100); seven of nine limited to AVX2 (ANP 1.3 there; FT 19.9). The data lever: 2,000 defense images instead
+        # of 1,000 gave four of nine (RNP 32.1, i-BAU 27.6), so 1,000 stays (docs/measurements.md).
         # The attacks whose strength had been set at noise 0.06 were checked again at 0.12 (below).
         # Before 2026-12-05: RNP at width 8 (112 BN channels; 2026-12-03). Ten attacks x seeds 0-2 (lc left out), bf16 models,
         # cells with ASR <= 20 % and CA >= 90 %, mean CA, lowest CA (all with select=auto, recalibrate_bn):

@@ -134,7 +134,7 @@ def tiny() -> tuple[nn.Module, ImageSet, list]:
 @pytest.mark.parametrize("bound", [0.5, 1e4])
 def test_perturbation_stays_in_the_l2_ball(bound, tiny):
     model, _, batches = tiny
-    delta, facts = IBAU(pert_norm=bound, pert_lr=100.0).search(model, batches, ctx())
+    delta, facts = IBAU(pert_norm=bound, pert_lr=100.0).search(model, batches)
     assert delta.shape == (1, 3, 32, 32) and not delta.requires_grad
     norm = float(delta.norm())
     assert norm <= bound * (1 + 1e-6) and facts["pert_norm"] == pytest.approx(norm, rel=1e-4)
@@ -197,6 +197,19 @@ def test_ibau_without_batchnorm():
     x = to_input(data.x[:4])
     assert res.model(x).shape == (4, 10) and not torch.allclose(res.model(x), before(x))
     assert len(res.info["per_round"]) == 1
+
+
+def test_ibau_runs_in_float32_where_the_recipe_uses_bf16(monkeypatch):
+    """The official code is float32 throughout; a bf16 recipe on a bf16-capable device must not change that."""
+    import bench.train
+    monkeypatch.setattr(bench.train, "bf16_supported", lambda device: True)  # as on a CPU with AVX-512-BF16
+    syn = DATASETS.get("synthetic")(n_train=40, n_test=10)
+    data, _ = syn.load()
+    model = MODELS.get("vgg")(width=4, bn=False).build(10, 3, syn.mean, syn.std, seed=0).eval()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), o.dtype)))
+    IBAU(rounds=1, batch_size=20)(model, data, DefenseContext(num_classes=10, augmentation=Augmentation(), bf16=True))
+    assert seen and set(seen) == {(False, torch.float32)}
 
 
 @pytest.mark.parametrize("kw", [dict(rounds=-1), dict(K=0), dict(lr=-1e-3), dict(batch_size=0),
