@@ -303,6 +303,9 @@ PRESETS: dict[str, Preset] = {
         # 19.2 once its search ran in float32 as the official code; 35.2 with the bf16 search; ANP 78.0, CLP and NC
         # 100); seven of nine limited to AVX2 (ANP 1.3 there; FT 19.9). The data lever: 2,000 defense images instead
         # of 1,000 gave four of nine (RNP 32.1, i-BAU 27.6), so 1,000 stays (docs/measurements.md).
+        # The held-out tolerance again (2026-12-06, bf16 / AVX2 emulation, cells within both bounds): seeds 0-2 at
+        #   0.03 (this preset) 9 / 8 of 9, at 0.06 9 / 9 (CA up to 4.4 lower); seeds 3-4 at 0.03 4 / 4 of 6, at 0.06
+        #   3 / 6 of 6: noise between the two, so 0.03 stays, the quick preset's rule (docs/measurements.md).
         # The attacks whose strength had been set at noise 0.06 were checked again at 0.12 (below).
         # Before 2026-12-05: RNP at width 8 (112 BN channels; 2026-12-03). Ten attacks x seeds 0-2 (lc left out), bf16 models,
         # cells with ASR <= 20 % and CA >= 90 %, mean CA, lowest CA (all with select=auto, recalibrate_bn):
