@@ -300,8 +300,8 @@ PRESETS: dict[str, Preset] = {
         #       allowed), so it keeps threshold 0 (ASR 21.8) where 0.1 would give 5.5 on the test set.
         # The other defenses on BadNets seed 0 (ASR <= 20 %), `bench run --attack badnets --defense all --preset demo`,
         # 2026-12-06, Xeon with AVX-512-BF16: six of nine with bf16 (RNP 11.9, FP 8.1, FT 1.2, NAD 1.6, FST 2.3, i-BAU
-        # 19.2 once its search ran in float32 as the official code; 35.2 with the bf16 search; ANP 78.0, CLP and NC
-        # 100); seven of nine limited to AVX2 (ANP 1.3 there; FT 19.9). The data lever: 2,000 defense images instead
+        # 19.2 once its search ran in float32 as the official code; 35.2 with the bf16 search; ANP 78.0, CLP 100,
+        # NC 99.9); seven of nine limited to AVX2 (ANP 1.3 there; FT 19.9). The data lever: 2,000 defense images instead
         # of 1,000 gave four of nine (RNP 32.1, i-BAU 27.6), so 1,000 stays (docs/measurements.md).
         # The held-out tolerance again (2026-12-06, bf16 / AVX2 emulation, cells within both bounds): seeds 0-2 at
         #   0.03 (this preset) 9 / 8 of 9, at 0.06 9 / 9 (CA up to 4.4 lower); seeds 3-4 at 0.03 4 / 4 of 6, at 0.06
