@@ -115,6 +115,8 @@ class Attack(Config):
     has_trigger: ClassVar[bool] = True  # False only for ``clean``: no trigger, empty triggered test set
     learned_trigger: ClassVar[bool] = False  # True: the trigger is learned while the model trains (IAD's generators)
     weight_attack: ClassVar[bool] = False  # True: build_model() perturbs the clean reference instead of training (AWP)
+    # Each field's official value and its source (bench.official.table); every field is in it.
+    official: ClassVar[dict] = {}
 
     target: int = param(0, low=0, doc="target class (all-to-one)")
     poison_rate: float = param(0.1, low=0.0, high=1.0, doc="fraction of the training set poisoned")

@@ -52,6 +52,9 @@ class DefenseResult:
 class Defense(Config):
     description: ClassVar[str]
     paper: ClassVar[str]
+    # Each field's official value and its source, and the official share of defense data
+    # (bench.official.table); every field is in it.
+    official: ClassVar[dict] = {}
 
     def __call__(self, model: nn.Module, clean, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError

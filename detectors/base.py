@@ -63,6 +63,7 @@ class Detector(Config):
     paper: ClassVar[str]
     level: ClassVar[Level] = "model"
     settings_from: ClassVar[str | None] = None  # a defense whose preset fields and --set overrides come first
+    official: ClassVar[dict] = {}  # each field's official value and source (bench.official.table)
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         raise NotImplementedError
