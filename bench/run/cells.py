@@ -22,6 +22,7 @@ the driver alone writes the run folder (``bench.run.rundir``).
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import os
@@ -160,7 +161,11 @@ def load_model(job: TrainJob, device: str) -> tuple[torch.nn.Module, Attack, tor
     d = model_dir(job)
     ds = job.dataset
     model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
-    model.load_state_dict(load_tensors(d / "model.safetensors"))
+    weights = collections.OrderedDict(load_tensors(d / "model.safetensors"))
+    # safetensors keeps no module versions; the entry was saved by this very architecture, so its own versions
+    # are the right ones (a module whose loader reads them, e.g. torchvision's MNASNet, needs them).
+    weights._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(weights)
     state = load_tensors(d / "attack.safetensors")
     poison_idx = state.pop("poison_idx")
     attack = copy.deepcopy(job.attack)
