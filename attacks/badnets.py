@@ -57,9 +57,11 @@ class BadNets(Attack):
     margin: int = param(0, low=0, doc="pixels between the patch and the bottom/right edges (0 in RNP's code)")
 
     official: ClassVar[dict] = table(
-        target=(0, "BackdoorBench config/attack/badnet/default.yaml: attack_target 0 (RNP train_backdoor.py: --target_label 0)"),
+        target=(0, "BackdoorBench config/attack/badnet/default.yaml: attack_target 0 "
+                   "(RNP train_backdoor.py: --target_label 0)"),
         poison_rate=(0.1, "BackdoorBench config/attack/badnet/default.yaml: pratio 0.1 (RNP: --inject_portion 0.1)"),
-        label_mode=("all2one", "BackdoorBench config/attack/badnet/default.yaml: attack_label_trans all2one (RNP: --target_type all2one)"),
+        label_mode=("all2one", "BackdoorBench config/attack/badnet/default.yaml: attack_label_trans all2one "
+                               "(RNP: --target_type all2one)"),
         margin=(0, "BackdoorBench resource/badnet/trigger_image.png: the 3x3 patch touches the corner (RNP "
                    "data/poison_tool_cifar.py _gridTriger: the last three rows and columns)"),
     )
