@@ -68,6 +68,7 @@ def awp(reference, data, seed=0, **kw):
 def test_awp_defaults_and_bad_bound():
     atk = ATTACKS.get("awp")()
     assert (atk.eps, atk.lr, atk.epochs, atk.weight_reg, atk.patch_size, atk.poison_rate) == (0.005, 1e-3, 10, 5e-4, 10, 0.0256)
+    assert (atk.target, atk.label_mode) == (1, "all2one")
     assert atk.needs_clean_model and atk.weight_attack
     for bad in (0.0, -0.01):
         with pytest.raises(BenchError, match="awp.eps") as e:
@@ -78,7 +79,7 @@ def test_awp_defaults_and_bad_bound():
 def test_awp_stays_in_the_bound_and_implants(clean_model):
     reference, data = clean_model
     before = {k: v.clone() for k, v in reference.state_dict().items()}
-    atk = awp(reference, data, eps=0.02)
+    atk = awp(reference, data, eps=0.02, target=0)  # class 0, as this toy check was sized (the default is the official 1)
     asr0 = asr(reference, atk, data)
     model, stats = perturbed_copy(atk, reference, data, seed=0)
     # the reference is untouched; every parameter moved by at most eps; buffers (BatchNorm statistics) unchanged
