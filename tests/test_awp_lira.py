@@ -135,9 +135,13 @@ def g_weights(atk) -> dict:
 
 def test_lira_defaults_and_bad_eps():
     atk = ATTACKS.get("lira")()
-    assert (atk.eps, atk.alpha, atk.lr_atk, atk.poison_rate, atk.target, atk.label_mode) == (0.1, 0.5, 1e-4, 1.0, 0, "all2one")
+    assert (atk.eps, atk.alpha, atk.lr_atk, atk.poison_rate) == (0.01, 0.5, 1e-4, 1.0)
+    assert (atk.target, atk.label_mode) == (0, "all2one")
+    assert (atk.gen_width, atk.lookahead) == (64, True)
     assert atk.learned_trigger
-    assert [atk.stage1_epochs_for(e) for e in (1, 4, 10, 300)] == [1, 1, 2, 50]
+    assert [atk.stage1_epochs_for(e) for e in (1, 4, 10, 60, 300)] == [1, 4, 10, 50, 50], "the official 50, run-capped"
+    scaled = ATTACKS.get("lira")(stage1_epochs=0)
+    assert [scaled.stage1_epochs_for(e) for e in (1, 4, 10, 300)] == [1, 1, 2, 50]
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(BenchError, match="lira.eps") as e:
             ATTACKS.get("lira")(eps=bad)
