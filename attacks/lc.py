@@ -191,7 +191,8 @@ class LabelConsistent(CleanLabelAttack):
     paper: ClassVar[str] = "Turner, Tsipras & Madry, Label-Consistent Backdoor Attacks, arXiv:1912.02771, 2019"
     needs_clean_model: ClassVar[bool] = True
 
-    poison_rate: float = clean_label_rate(0.1, "BackdoorBench pratio: 0.1")
+    poison_rate: float = clean_label_rate(0.1, "official poisoning_proportion 1.0 of the class, 0.1 of CIFAR-10; "
+                                                "BackdoorBench pratio: 0.1")
     eps: float = param(8 / 255, doc="L_inf bound of the PGD perturbation, a fraction of the pixel range, in (0, 1] "
                                     "(BackdoorBench's generator: 8/255)")
     pgd_step: float = param(1.5 / 255, doc="PGD step size, a fraction of the pixel range, in (0, 1] (BackdoorBench: 1.5/255)")
