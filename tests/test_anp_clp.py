@@ -59,7 +59,7 @@ def _record_perturbed(monkeypatch) -> list[tuple[list[torch.Tensor], list[torch.
 def test_anp_perturbation_stays_within_eps_and_masks_within_unit_interval(model, sets, monkeypatch, steps):
     seen = _record_perturbed(monkeypatch)
     eps, iters = 0.4, 6
-    ANP(iterations=iters, batch_size=32, eps=eps, steps=steps)(copy.deepcopy(model), sets[1], ctx())
+    ANP(iterations=iters, batch_size=32, eps=eps, steps=steps, project_noise=True)(copy.deepcopy(model), sets[1], ctx())
     assert len(seen) == iters * (steps + 1), "steps ascent passes and one mask pass per iteration"
     for noise, masks in seen:
         assert all(n.abs().max() <= eps + 1e-6 for n in noise)
@@ -222,7 +222,8 @@ def test_anp_settings_are_checked():
     # The budget: the official 2000 iterations, capped at max_epochs passes over the defense data.
     assert ANP().iterations == 2000 and ANP(max_epochs=0).n_iterations(64) == 2000
     assert ANP(max_epochs=10).n_iterations(500) == 40 and ANP(max_epochs=10, iterations=20).n_iterations(500) == 20
-    assert ANP().n_iterations(500) == 98 and ANP(max_epochs=0.01).n_iterations(10) == 1
+    assert ANP().n_iterations(500) == 2000, "the official budget by default"
+    assert ANP(max_epochs=25).n_iterations(500) == 98 and ANP(max_epochs=0.01).n_iterations(10) == 1
 
 
 def test_bad_settings_fail_on_the_command_line_before_any_work(tmp_path):
@@ -358,8 +359,8 @@ def test_clp_sweep_and_u(sets):
 
 @pytest.mark.parametrize("field, want", [(True, {True}), (False, {False})])
 def test_anp_bf16_false_runs_the_masks_in_fp32_as_the_official_code(model, sets, monkeypatch, field, want):
-    """With a context that asks for bf16, anp.bf16=false turns the autocast off in every pass (the official
-    code's fp32); the default follows the context."""
+    """With a context that asks for bf16, anp.bf16=false (the default, the official code's fp32) turns the
+    autocast off in every pass; anp.bf16=true follows the context."""
     import contextlib
 
     seen = set()

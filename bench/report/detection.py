@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.detect import auroc, roc_points
 from bench.metrics import pct
+from bench.official import describe
 from bench.registry import slug
 from bench.report.records import load_detections
 from bench.report.render import figure, ordered, save_png, series_style, tex_escape
@@ -203,7 +204,25 @@ def detection_markdown(dets: list[dict]) -> str:
                      "AUROC: the score over backdoored models against the clean models of the same recipe. "
                      "Implanted: backdoored models whose own ASR is above 20 % (an attack that did not implant "
                      "leaves nothing to detect). Model's ASR: mean over seeds, in %.\n")
-    return "\n".join(parts)
+    deps = departures_markdown(dets)
+    return "\n".join(parts + ([deps] if deps else []))
+
+
+def departures_markdown(dets: list[dict]) -> str:
+    """Which settings of the detection cells differ from the official ones, by detector (the recipe, the
+    model's and the attacks' fields once, for every cell); "" when every cell is at official settings."""
+    by: dict[str, dict[str, None]] = {}
+    for d in dets:
+        for dep in d.get("departures") or []:
+            if isinstance(dep, dict) and "field" in dep:
+                key = f"detector {d['detector']}" if dep.get("kind") == "detector" else "every detector"
+                by.setdefault(key, {})[describe(dep)] = None
+    if not by:
+        return ""
+    lines = ["### Settings that differ from the official ones
+"]
+    lines += [f"- {k}: {'; '.join(v)}" for k, v in sorted(by.items(), key=lambda kv: kv[0] != "every detector")]
+    return "\n".join(lines) + "\n"
 
 
 def detection_csv(dets: list[dict]) -> str:
