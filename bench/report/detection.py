@@ -219,8 +219,7 @@ def departures_markdown(dets: list[dict]) -> str:
                 by.setdefault(key, {})[describe(dep)] = None
     if not by:
         return ""
-    lines = ["### Settings that differ from the official ones
-"]
+    lines = ["### Settings that differ from the official ones\n"]
     lines += [f"- {k}: {'; '.join(v)}" for k, v in sorted(by.items(), key=lambda kv: kv[0] != "every detector")]
     return "\n".join(lines) + "\n"
 
