@@ -343,7 +343,7 @@ def list_(what, fields, plugins) -> None:
                         beside = ("" if o is None else f"   (official {o.value!r}: {o.source})" if o.exists
                                   else f"   (no official value: {o.source})")
                         click.echo(f"{'':12s}{comp}.{fname} = {value!r}{beside}")
-                    if base:
+                    if base and base in p.fields:
                         click.echo(f"{'':14s}({comp} also takes the {base} settings above)")
                 for dname in DEFENSES.names():  # the fine-tuning rule's learning rates on this recipe
                     rule = finetune.rule_of(DEFENSES.get(dname))

@@ -62,29 +62,11 @@ under the recipe's bf16 autocast where the device has it natively; the official 
 ``max_epochs`` (a cap of the 2000 iterations at this many passes over the defense data, for CPU time:
 the demo and quick presets set 25, 98 iterations on 500 images; measurements at the field).
 
-Checked against the official code (2026-11-22), on the quick preset's GTSRB BadNets models
-(resnet18 w16; backdoored CA ~97, ASR 100). At threshold 0.2 ANP keeps the backdoor on seeds 1
-and 2 (ASR 99.9 and 83.3; seed 0: 1.3). On seed 1, the official ``mask_train`` of
-``optimize_mask_cifar.py`` with its ``NoisyBatchNorm2d`` (imported unmodified, our BatchNorms
-swapped for theirs) for the same 98 iterations pruned 34 channels at 0.2: CA 97.0, ASR 99.9 (at
-0.4: 95.0 / 54.1); ours with the official 2000 iterations (``max_epochs=0``, 275 s, three times the
-model's training time) pruned to CA 96.8, ASR 87.1. So the surviving backdoor is the method at
-the fixed threshold with 500 clean images, not our code or the iteration cap. BackdoorBench's
-leaderboard removes it because it picks the threshold by test-set ASR, which a defense here may
-not do.
-
-Checked again (2026-12-05): one iteration with ``project_noise=false`` equals an independent
-restatement of the official ``mask_train`` (``tests/reference_math.anp_official_iteration``: the
-signed noise step, the loss, momentum SGD, the clip; ``tests/test_anp_clp.py``). On the quick preset's
-BadNets seed-0 model trained in fp32 (AVX2-only EPYC; CA 97.0, ASR 99.9), the same 500 images,
-2000 iterations, threshold 0.2, one seed each: ours (``max_epochs=0``, ``project_noise=false``)
-pruned 91 of 1,200 channels, CA 95.7 / ASR 36.9; a re-implementation of the official loop with its
-own RNG use (global RNG, a DataLoader sampling with replacement, per-image crop, no flip) pruned 93,
-CA 96.6 / ASR 48.5: the same curve within a few channels at every threshold (masks correlate at 0.93),
-the gap at 0.2 on its steepest stretch. The one algorithmic difference the reading found is precision:
-ours ran under the recipe's bf16 autocast on native-bf16 machines (where the reported 97 channels /
-ASR 0.5 came from), the official code in fp32; ``bf16=false`` now matches it. Details, the whole
-curve and what is not measured yet (the spread over seeds; bf16's effect): docs/anp.md.
+Checked against the official code twice: its ``mask_train`` with its ``NoisyBatchNorm2d`` imported
+unmodified on the quick preset's BadNets models (2026-11-22; docs/measurements.md, "Where BadNets survives
+a defense"), and one iteration against an independent restatement of the official loop
+(``tests/reference_math.anp_official_iteration``), then 2000 iterations beside a re-implementation of the
+official loop on the same model and images (2026-12-05; docs/anp.md).
 """
 
 from __future__ import annotations

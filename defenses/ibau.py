@@ -50,26 +50,16 @@ Departures, all deliberate:
   product is with v = 0, so the result is the same with one double-backward fewer. The
   official early exit (``||v_k - v_k-1|| < 1e-10``) is left out.
 - Precision: everything runs in float32, as all of the official code, also where the recipe
-  trains in bf16 (the bench's other defenses follow the recipe's autocast). The perturbation
-  search used to run under bf16 autocast on CPUs with native bf16. In float32, on such a CPU, the
-  demo's BadNets models (seeds 0 / 1 / 2) keep ASR 19.2 / 1.6 / 25.8 % instead of 35.2 / 1.4 /
-  23.8 %; the quick preset's BadNets and Blend seed-0 models go to CA / ASR 92.8 / 3.7 and
-  92.4 / 0.2 instead of 92.0 / 0.1 and 88.6 / 0.0 (docs/measurements.md).
+  trains in bf16 (the bench's other defenses follow the recipe's autocast; measured effect:
+  docs/measurements.md).
 - x + delta is not clamped to [0, 1] (``defense.py``, the CIFAR notebook, BackdoorBench; the
   GTSRB notebook clamps).
 
-``info``: ``rounds``, ``K``, ``batches``, ``outer_steps``, ``acc_before`` (defense-data accuracy)
-and ``per_round``: for each round ``pert_norm_raw`` (before projection), ``pert_norm``,
-``fooling_rate`` (share of defense images whose prediction delta changes), ``pert_loss`` (CE of
-f(x + delta) against the clean predictions, its objective) and ``defense_acc`` after the round.
-
-Measured (CPU). GTSRB quick preset, BadNets seed 0: CA 97.1 -> 91.6 %, ASR 99.9 -> 0.04 %.
-Demo-scale synthetic models (smallcnn w16, 5000 images, 10 epochs), BadNets seeds 0-2: CA 100 ->
-98.3 / 98.3 / 99.3 %, ASR 100 -> 0.7 / 16.7 / 0.0 %; the same runs with ``pert_norm=0`` (the loop
-without the adversary) left ASR at 100 %. On tiny models (smallcnn w8) the universal perturbation is often a natural
-one (a class shape drawn over the image, not the trigger) and ASR falls only part way (see
-``tests/test_ibau.py``). The implicit term matters: with a searched delta (norm 10) on the tiny
-test model, ``(d_theta Phi)^T v`` was 0.45 of the direct gradient's norm (1e-7 on a small random delta).
+``info``: ``rounds``, ``K``, ``batches``, ``search_steps`` and ``outer_steps`` (all rounds), ``acc_before``
+(defense-data accuracy) and ``per_round``: for each round ``pert_norm_raw`` (before projection),
+``pert_norm``, ``fooling_rate`` (share of defense images whose prediction delta changes), ``pert_loss``
+(CE of f(x + delta) against the clean predictions, its objective) and ``defense_acc`` after the round.
+Measurements, at the earlier one-pass budget and now: docs/measurements.md, docs/official-vs-ours.md.
 """
 
 from __future__ import annotations

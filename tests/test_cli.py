@@ -89,8 +89,14 @@ def test_list_presets_fields_shows_what_each_preset_sets():
         else:
             blocks[list(blocks)[-1]].append(line.strip())
     assert set(blocks) == set(PRESETS)
-    assert "sig.target = 2" in blocks["quick"] and "sig.target = 2" not in blocks["demo"]  # clean-label target on GTSRB
-    assert "bpp.squeeze_num = 4" in blocks["demo"] and "train: 4 epochs" in blocks["quick"][0]
+    lines = {name: {ln.split("   (")[0]: ln for ln in block} for name, block in blocks.items()}  # setting -> the whole line
+    assert "sig.target = 2" in lines["quick"] and "sig.target = 2" not in lines["demo"]  # clean-label target on GTSRB
+    assert "bpp.squeeze_num = 4" in lines["demo"] and "train: 4 epochs" in blocks["quick"][0]
+    # Each setting beside its official value and source; the fine-tuning rule's rates on each recipe.
+    assert "(official 1000: bolunwang/backdoor gtsrb_visualize_example.py: STEPS = 1000)" in lines["quick"]["nc.epochs = 20"]
+    assert "(official 8: " in lines["demo"]["bpp.squeeze_num = 4"]
+    assert "fine-tuning rule: official 0.01 x 10" in lines["quick"]["ft.lr = 0.1"]
+    assert "x 10" in lines["paper"]["ft.lr = 0.1"] and "fst.lr = 0.02" in lines["demo"]
     assert CliRunner().invoke(main, ["list", "presets"]).output.count("\n") == len(PRESETS)  # one line each without --fields
 
 

@@ -242,24 +242,25 @@ class GridSpec:
         elif any(getattr(d, "needs_data", True) for d, _ in [*defs, *dets]):
             for ds in datasets:
                 for a in atks:
-                    check_defense_data(ds, a, run.defense_data, self.data_dir)
+                    check_defense_data(ds, a, run.defense_data, self.data_dir, poisoned=self.checkpoint is None)
         return Plan([DefenseCell(j, d, run, self.clean_data, ft) for j in jobs for d, ft in defs],
                     [DetectCell(j, d, run, self.clean_data, ft) for j in jobs for d, ft in dets])
 
 
-def check_defense_data(ds: Dataset, attack: Attack, size: float, data_dir: str | None) -> None:
+def check_defense_data(ds: Dataset, attack: Attack, size: float, data_dir: str | None, poisoned: bool = True) -> None:
     """Fail on one line, before any work, when ``run.defense_data`` asks for more clean images than the
     training split has left once the attack relabelled its share (the pool ``defense_data`` draws from).
 
     Exact where the size is known before loading (``Dataset.train_count``) and the attack relabels a fixed
     share of the set (the base class's poisoning); an attack that poisons per batch relabels nothing in the
-    set, and an unknown size is checked when the cell draws its data."""
+    set, and an unknown size is checked when the cell draws its data. A user's checkpoint (``poisoned`` false)
+    poisons nothing here: its whole training split is the pool."""
     n = ds.train_count(data_dir)
     if n is None:
         return
     want = int(round(size * n)) if size < 1 else int(size)
     relabelled = 0
-    if not attack.clean_label and type(attack).poison is Attack.poison:
+    if poisoned and not attack.clean_label and type(attack).poison is Attack.poison:
         relabelled = min(n, int(round(attack.poison_rate * n)))
     pool = n - relabelled
     if not 0 < want <= pool:
