@@ -16,6 +16,7 @@ from torch import nn
 
 import bench.train
 import defenses.rnp as rnp_module
+from bench.check import CHEAP
 from bench.models import MODELS, Classifier, adapt_in_channels
 from bench.registry import BenchError
 from bench.run.plan import GridSpec
@@ -158,30 +159,23 @@ def test_timm_models_are_built_from_scratch_with_the_datasets_channels():
 
 # ---------------------------------------------------------------- every defense and detector on foreign models
 
-# Settings that make each method quick here; the point is that it runs (or refuses) on these models.
-QUICK = {
-    "anp": {"iterations": 4}, "fp": {"finetune_epochs": 1}, "fst": {"epochs": 1}, "ft": {"epochs": 1},
-    "ibau": {"rounds": 1}, "nad": {"epochs": 1, "teacher_epochs": 1},
-    "nc": {"epochs": 1, "batches_per_epoch": 1, "unlearn_epochs": 1},
-    "rnp": {"unlearn_epochs": 2, "recover_epochs": 2, "unlearn_lr": 0.05},
-    "nc_label": {"epochs": 1, "batches_per_epoch": 1, "unlearn_epochs": 0},
-    "rnp_label": {"unlearn_epochs": 2, "recover_epochs": 2, "unlearn_lr": 0.05},
-    "rnp_samples": {"unlearn_epochs": 2, "recover_epochs": 2, "unlearn_lr": 0.05},
-    "rnp_trigger": {"unlearn_epochs": 2, "recover_epochs": 2, "unlearn_lr": 0.05, "epochs": 1, "batches_per_epoch": 1},
-    "strip": {"n_overlays": 4},
-}
+# Settings that make each method quick here (the contract checks' budgets, bench.check.CHEAP); the point is
+# that it runs (or refuses) on these models.
+QUICK = {**CHEAP, **{n: {**CHEAP[n], "unlearn_lr": 0.05} for n in ("rnp", "rnp_label", "rnp_samples", "rnp_trigger")}}
 # The refusals these models earn, and a word their one-line message must hold (what the model lacks).
 REFUSALS = {("clp", "vgg_nobn"): "BatchNorm"}
 # What each method must find in these models by its rule (its docstring): masks on BatchNorm, else on conv
-# outputs (ResNet-18: 4800 BN channels; the VGG: 264 conv channels), NAD's residual stages (torchvision's
-# layer4 is 1x1 at 32x32, so layer1-3) or the stage ends (the last ReLU of stages 3-5), the last nn.Linear.
+# outputs (ResNet-18: 4800 BN channels; the VGG: 264 conv channels), NAD's stages at the official maps' sizes
+# (the VGG's first three stage ends, 32/16/8) or, where there are none (torchvision's stem quarters the input),
+# the last three larger than 1x1 (layer1-3: 8/4/2), the last nn.Linear.
 FACTS = {
     ("rnp", "tv_resnet18"): {"mask_kind": "bn", "channels_total": 4800},
     ("anp", "tv_resnet18"): {"mask_kind": "bn", "channels_total": 4800},
     ("rnp", "vgg_nobn"): {"mask_kind": "conv", "channels_total": 264},
     ("anp", "vgg_nobn"): {"mask_kind": "conv", "channels_total": 264},
-    ("nad", "tv_resnet18"): {"layers": ["net.layer1", "net.layer2", "net.layer3"], "map_sizes": [[8, 8], [4, 4], [2, 2]]},
-    ("nad", "vgg_nobn"): {"layers": ["net.15", "net.22", "net.29"], "map_sizes": [[8, 8], [4, 4], [2, 2]]},
+    ("nad", "tv_resnet18"): {"layers": ["net.layer1", "net.layer2", "net.layer3"], "map_sizes": [[8, 8], [4, 4], [2, 2]],
+                             "official_sizes": False},
+    ("nad", "vgg_nobn"): {"layers": ["net.3", "net.8", "net.15"], "map_sizes": [[32, 32], [16, 16], [8, 8]], "official_sizes": True},
     ("fst", "tv_resnet18"): {"head": "net.fc"}, ("fp", "tv_resnet18"): {"layer": "net.fc", "channels_total": 512},
     ("fst", "vgg_nobn"): {"head": "net.33"}, ("fp", "vgg_nobn"): {"layer": "net.33", "channels_total": 32},
 }
