@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from attacks.base import ATTACKS, Attack, PoisonedSet
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import ours, table
 from bench.registry import BenchError
 
 # matplotlib's mpl-data/sample_data files the trigger may be made of (see the module docstring)
@@ -142,6 +143,19 @@ class AdaptiveBlend(Attack):
     image: Literal["photo", "cartoon"] = param("photo", doc="trigger image, from matplotlib's sample data: photo = "
                                                "grace_hopper.jpg, cartoon = Minduka_Present_Blue_Pack.png on white "
                                                "(official: a cartoon, hellokitty_32.png, not shipped)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "vtu81/backdoor-toolbox config.py: target_class['cifar10'] 0 (GTSRB: 2)"),
+        poison_rate=(0.003, "vtu81/backdoor-toolbox README.md, CIFAR-10 and GTSRB commands: -poison_rate 0.003"),
+        label_mode=("all2one", "vtu81/backdoor-toolbox poison_tool_box/adaptive_blend.py: poisoned images get target_class"),
+        cover_rate=(0.003, "vtu81/backdoor-toolbox README.md, CIFAR-10 and GTSRB commands: -cover_rate 0.003"),
+        alpha=(0.15, "vtu81/backdoor-toolbox README.md, CIFAR-10 and GTSRB commands: -alpha 0.15"),
+        test_alpha=(0.2, "vtu81/backdoor-toolbox README.md, CIFAR-10 commands: -test_alpha 0.2"),
+        pieces=(16, "vtu81/backdoor-toolbox create_poisoned_set.py: adaptive_blend.poison_generator(pieces=16)"),
+        mask_rate=(0.5, "vtu81/backdoor-toolbox create_poisoned_set.py: adaptive_blend.poison_generator(mask_rate=0.5)"),
+        image=ours("official config.py: triggers/hellokitty_32.png, which is not shipped here; neither choice (matplotlib's "
+                   "sample images) is it, so the field has no official value it can take"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,7 +34,8 @@ Defaults and sources: ``eps = 0.005`` (official ``model_eps``, absolute, l_inf);
 (official ``--lr`` with ``--optim adam``); ``epochs = 10`` (official ``num_epochs``);
 ``weight_reg = 5e-4`` (official ``weight_reg_param``); ``patch_size = 10`` (sqrt of
 ``num_pixels_changed`` = 100); ``poison_rate = 0.0256`` (1280 of 50,000); batch 128 (official
-loader). Target 0, as every attack here (the official code hard-codes label 1). The quick preset
+loader); target 1 (``adv_extension.py`` sets every triggered label to 1, ``targets[:] = 1``;
+all-to-one only; the other attacks here default to 0). The quick preset
 takes 60 epochs: at the official 10 its 4-epoch GTSRB model ended 4.3 CA points under the clean one,
 at 60 2.15 (``bench/presets.py``).
 
@@ -67,6 +68,7 @@ from torch import nn
 from attacks.base import ATTACKS, Attack, PoisonedSet
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 
 BATCH = 128  # official DataLoader batch size
@@ -82,6 +84,7 @@ class AWP(Attack):
     needs_clean_model: ClassVar[bool] = True
     weight_attack: ClassVar[bool] = True
 
+    target: int = param(1, low=0, doc="target class (all-to-one; official: 1, hard-coded)")
     poison_rate: float = param(0.0256, low=0.0, high=1.0,
                                doc="share of the training set the attacker uses, each image clean and triggered "
                                    "(official 10 batches of 128 = 1280 of 50,000); the training set itself is not poisoned")
@@ -90,6 +93,20 @@ class AWP(Attack):
     lr: float = param(1e-3, low=0.0, doc="Adam learning rate (official lr with optim adam: 1e-3)")
     weight_reg: float = param(5e-4, low=0.0, doc="weight of sum((w - w0)^2) in the loss (official weight_reg_param: 5e-4)")
     patch_size: int = param(10, low=1, doc="side of the centred square trigger (official num_pixels_changed 100 = 10x10)")
+
+    official: ClassVar[dict] = table(
+        target=(1, "goel96vibhor/AdvWeightPerturbations Vision_Experiments/adv_extension.py: targets[:] = 1"),
+        poison_rate=(0.0256, "goel96vibhor/AdvWeightPerturbations Vision_Experiments/main.py: --num_adv_batch 10 batches "
+                             "of 128 (adv_extension.py), 1280 of CIFAR-10's 50,000 images"),
+        label_mode=("all2one", "goel96vibhor/AdvWeightPerturbations Vision_Experiments/adv_extension.py: one label for "
+                               "every triggered image"),
+        eps=(0.005, "goel96vibhor/AdvWeightPerturbations Vision_Experiments/main.py: --model_eps 0.005 (--lp_norm inf)"),
+        epochs=(10, "goel96vibhor/AdvWeightPerturbations Vision_Experiments/main.py: --num_epochs 10"),
+        lr=(1e-3, "goel96vibhor/AdvWeightPerturbations Vision_Experiments/main.py: --lr 0.001 with --optim adam"),
+        weight_reg=(5e-4, "goel96vibhor/AdvWeightPerturbations Vision_Experiments/main.py: --weight_reg_param 0.0005"),
+        patch_size=(10, "goel96vibhor/AdvWeightPerturbations Vision_Experiments/main.py: --num_pixels_changed 100, "
+                        "a sqrt(100) = 10 pixel square (adv_extension.py)"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

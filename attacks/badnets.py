@@ -23,6 +23,11 @@ Where the defaults come from:
 - Target 0, all-to-one, poison rate 0.1: RNP's ``--target_label 0``, ``--target_type
   all2one``, ``--inject_portion 0.1`` (the base-class defaults). RNP's all-to-all label map
   is ``(y + 1) % 10``; ``label_mode="all2all"`` gives ``(y + 1) % K``.
+
+No code of the paper's authors is known here, so the table of official values (``official``) cites BackdoorBench
+(SCLBD/BackdoorBench, commit f02e353), whose BadNets agrees on every field: target 0, all-to-one,
+rate 0.1, and a 3x3 patch touching the bottom-right corner (``resource/badnet/trigger_image.png``,
+a white square there; the pattern itself differs and is not a field).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from attacks.base import ATTACKS, Attack
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 
 # The official RNP gridTrigger, rows top to bottom, columns left to right (see above).
@@ -49,6 +55,16 @@ class BadNets(Attack):
                             "Supply Chain, arXiv:1708.06733, 2017")
 
     margin: int = param(0, low=0, doc="pixels between the patch and the bottom/right edges (0 in RNP's code)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "BackdoorBench config/attack/badnet/default.yaml: attack_target 0 "
+                   "(RNP train_backdoor.py: --target_label 0)"),
+        poison_rate=(0.1, "BackdoorBench config/attack/badnet/default.yaml: pratio 0.1 (RNP: --inject_portion 0.1)"),
+        label_mode=("all2one", "BackdoorBench config/attack/badnet/default.yaml: attack_label_trans all2one "
+                               "(RNP: --target_type all2one)"),
+        margin=(0, "BackdoorBench resource/badnet/trigger_image.png: the 3x3 patch touches the corner (RNP "
+                   "data/poison_tool_cifar.py _gridTriger: the last three rows and columns)"),
+    )
 
     def prepare(self, num_classes: int, channels: int, size: int, train: ImageSet, seed: int) -> None:
         super().prepare(num_classes, channels, size, train, seed)

@@ -19,6 +19,9 @@ Where the defaults come from:
   so every run and every image share the same key, as in the paper.
 - Target 0, all-to-one, poison rate 0.1: BackdoorBench's ``attack_target: 0``,
   ``attack_label_trans: all2one``, ``pratio: 0.1`` (the base-class defaults).
+
+No code of the paper's authors is known here: the table of official values (``official``) cites
+BackdoorBench; ``pattern_seed`` is ours (BackdoorBench blends an image, not seeded noise).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from attacks.base import ATTACKS, Attack
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import ours, table
 from bench.registry import BenchError
 
 
@@ -43,6 +47,16 @@ class Blend(Attack):
 
     alpha: float = param(0.2, low=0.0, high=1.0, doc="blend weight of the pattern (BackdoorBench: 0.2)")
     pattern_seed: int = param(0, doc="seed of the noise pattern (fixed across runs, not the run seed)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "BackdoorBench config/attack/blended/default.yaml: attack_target 0"),
+        poison_rate=(0.1, "BackdoorBench config/attack/blended/default.yaml: pratio 0.1"),
+        label_mode=("all2one", "BackdoorBench config/attack/blended/default.yaml: attack_label_trans all2one"),
+        alpha=(0.2, "BackdoorBench config/attack/blended/default.yaml: attack_train_blended_alpha 0.2, "
+                    "attack_test_blended_alpha 0.2"),
+        pattern_seed=ours("our addition: the seed of the paper's random-noise key; BackdoorBench blends a fixed image "
+                          "(resource/blended/hello_kitty.jpeg), so it has no seed"),
+    )
 
     def prepare(self, num_classes: int, channels: int, size: int, train: ImageSet, seed: int) -> None:
         super().prepare(num_classes, channels, size, train, seed)

@@ -28,6 +28,7 @@ from attacks.base import ATTACKS, Attack, PoisonedSet
 from bench.config import param
 from bench.data import ImageSet
 from bench.metrics import TriggeredSet
+from bench.official import ours, table
 
 
 @ATTACKS.register("clean")
@@ -39,6 +40,12 @@ class Clean(Attack):
     has_trigger: ClassVar[bool] = False
 
     poison_rate: float = param(0.0, low=0.0, high=0.0, doc="always 0: nothing is poisoned")
+
+    official: ClassVar[dict] = table(
+        target=ours("no effect: nothing is poisoned, so no target class (BackdoorBench attack/prototype.py trains benignly)"),
+        poison_rate=(0.0, "BackdoorBench attack/prototype.py: benign training, no image poisoned"),
+        label_mode=ours("no effect: nothing is relabelled (BackdoorBench attack/prototype.py trains benignly)"),
+    )
 
     def trigger(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()

@@ -32,13 +32,16 @@ Defaults:
   positions into coefficients (15, 15) and (31, 31). BackdoorBench: ``pos_list: [15, 31]``,
   ``trigger_channels: [1, 2]``, ``use_yuv: True``, and the image size as the window (32 on
   CIFAR-10 and GTSRB, so the same blocks).
-- Clean-label, target 0, all-to-one, ``poison_rate = 0.05`` of the whole training set:
-  BackdoorBench's ``attack_target: 0``, ``attack_label_trans: all2one``, ``pratio: 0.05``,
-  and ``attack/ctrl.py`` selecting with ``clean_label=True``. The official code (SSL, rate
-  0.01) poisons the first ``int(poison_ratio * N)`` target-class images, a cap at the class
-  size as here; here they are drawn at random from the run seed. Neither code offers a
-  dirty-label variant in use (BackdoorBench's ``use_clean_label`` key is never read), so
-  none is offered here.
+- Clean-label, target 0, all-to-one, ``poison_rate = 0.01`` of the whole training set: official
+  ``main_train.py`` (``--target_class`` 0, ``--poison_ratio`` 0.01; the README's commands pass
+  ``--poison_ratio 0.01``); ``loaders/diffaugment.py`` poisons the first ``int(poison_ratio * N)``
+  target-class images, a cap at the class size as here; here they are drawn at random from the
+  run seed. The official rate is for self-supervised training; BackdoorBench's supervised port
+  runs ``pratio: 0.05`` (``config/attack/ctrl/default.yaml``, ``attack_target: 0``,
+  ``attack_label_trans: all2one``, selecting with ``clean_label=True``), the default here before:
+  the measurements below were made at 0.05 or at a preset's rate. Neither code offers a
+  dirty-label variant in use (BackdoorBench's ``use_clean_label`` key is never read), so none is
+  offered here.
 
 Departures:
 
@@ -79,6 +82,7 @@ import torch
 from attacks.base import ATTACKS, CleanLabelAttack, clean_label_rate
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 
 # kornia 0.6.5 (the version CTRL's requirements.txt pins), kornia/color/yuv.py: rows give Y, U, V / R, G, B.
@@ -126,12 +130,23 @@ class CTRL(CleanLabelAttack):
     paper: ClassVar[str] = ("Li et al., An Embarrassingly Simple Backdoor Attack on Self-supervised Learning, "
                             "ICCV 2023, arXiv:2210.07346")
 
-    poison_rate: float = clean_label_rate(0.05, "BackdoorBench pratio: 0.05")
+    poison_rate: float = clean_label_rate(0.01, "official --poison_ratio: 0.01; BackdoorBench pratio: 0.05")
     magnitude: float = param(100.0, doc="added to each chosen DCT coefficient, 0..255 pixel units, > 0 (official: 100)")
     window: int = param(32, low=1, doc="side of the square DCT blocks; the image size if smaller (official: 32)")
     positions: tuple[int, ...] = param((15, 31), doc="p: coefficient (p, p) of every block gets the magnitude; "
                                        "scaled on images smaller than window (official: 15 31)")
     channels: tuple[int, ...] = param((1, 2), doc="YUV channels with the trigger, 0 Y, 1 U, 2 V; RGB only (official: 1 2)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "meet-cjli/CTRL main_train.py: --target_class 0"),
+        poison_rate=(0.01, "meet-cjli/CTRL main_train.py: --poison_ratio 0.01 (README commands too; of the whole set, from "
+                           "target-class images: loaders/diffaugment.py)"),
+        label_mode=("all2one", "meet-cjli/CTRL loaders/diffaugment.py: the triggered test set is labelled target_class"),
+        magnitude=(100.0, "meet-cjli/CTRL main_train.py: --magnitude 100.0"),
+        window=(32, "meet-cjli/CTRL main_train.py: --window_size 32"),
+        positions=((15, 31), "meet-cjli/CTRL README.md, CIFAR-10 commands: --trigger_position 15 31"),
+        channels=((1, 2), "meet-cjli/CTRL README.md, CIFAR-10 commands: --channel 1 2"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

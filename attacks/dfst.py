@@ -103,6 +103,7 @@ from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share, map_images
 from attacks.trojan import PenultimateFeatures
 from bench.config import param
 from bench.data import Augmentation, ImageSet
+from bench.official import ours, table
 from bench.registry import BenchError
 from bench.train import TrainConfig, TrainExtension
 
@@ -226,6 +227,23 @@ class DFST(Attack):
     w_detox: float = param(0.3, low=0.0, doc="weight of the compromised-neuron term (official: 0.3)")
     gen_width: int = param(8, low=1, doc="width of the style generator (ours: no official counterpart)")
     gen_steps: int = param(300, low=1, doc="Adam steps training the style generator to the transform (ours)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "Megum1/DFST configs/dfst.json: target 0"),
+        poison_rate=(0.05, "Megum1/DFST configs/dfst.json: poison_rate 0.05 (per batch)"),
+        label_mode=("all2one", "Megum1/DFST configs/dfst.json: stylised images labelled target 0 (all-to-one)"),
+        strength=(0.6, "Megum1/DFST configs/dfst.json: alpha 0.6"),
+        detox=(True, "Megum1/DFST configs/dfst.json: detox_flag true"),
+        detox_ratio=(0.01, "Megum1/DFST configs/dfst.json: detox_neuron_ratio 0.01"),
+        detox_epochs=(10, "Megum1/DFST configs/dfst.json: detox_epochs 10"),
+        detox_data=(0.03, "Megum1/DFST train.py: int(len(train_loader) * 0.03) batches per detoxification round"),
+        w_ssim=(0.1, "Megum1/DFST configs/dfst.json: w_ssim 0.1"),
+        w_detox=(0.3, "Megum1/DFST configs/dfst.json: w_detox 0.3"),
+        gen_width=ours("our addition: the width of our style generator, trained here to a fixed colour transform; the "
+                       "official code uses a pre-trained style-transfer network (style_model_path), which has no such knob"),
+        gen_steps=ours("our addition: the steps training our style generator to the transform; the official style network "
+                       "is pre-trained"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

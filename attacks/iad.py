@@ -38,9 +38,10 @@ Training runs inside the shared trainer through ``train_extension()`` (a ``Train
    where ``d(a, b)`` is the per-image root-mean-square difference (official ``criterion_div``, an
    MSE per image, then ``sqrt``). The official pre-training multiplies its diversity term by
    ``lambda_div`` twice (once in ``loss_div``, once in the total); here once, the same at the
-   default 1. The official 25 epochs come with 575 epochs of joint training (``n_iters`` 600
-   counts the mask epochs too); here ``mask_epochs = 0`` takes ``max(1, round(25 * epochs / 575))``
-   for a run of ``epochs`` classifier epochs (1 up to 34 epochs, 3 for 60). The official
+   default 1. ``mask_epochs = 25``: the official ``train.py`` (``range(25)``). The official 25
+   epochs come with 575 epochs of joint training (``n_iters`` 600 counts the mask epochs too);
+   ``mask_epochs = 0`` scales them to the run instead, ``max(1, round(25 * epochs / 575))`` for a
+   run of ``epochs`` classifier epochs (1 up to 34 epochs, 3 for 60; the default before). The official
    step-downs at mask epochs 10 and 20 (x0.1) are kept as fractions of the pre-training steps (0.4
    and 0.8). Afterwards ``M`` is frozen (eval mode, no gradient), as in the official code: only the
    pattern generator trains with the classifier. Randomness: a generator seeded from the run seed,
@@ -60,10 +61,10 @@ Training runs inside the shared trainer through ``train_extension()`` (a ``Train
    over the pairs (backdoored image ``i``, source image of cross sample ``i``) is added to the
    batch's loss (``loss``); ``G`` takes an Adam step (lr ``lr_g`` 0.01, betas (0.5, 0.9)) after the
    classifier's (``after_step``). The official ``G`` schedule (x0.1 at joint epochs 200, 300, 400,
-   500 of 575) is kept as fractions of the run's steps. ``G``'s gradients are zeroed after every
-   step; the official ``train_step`` (and BackdoorBench's) zeroes only the classifier's, so there
-   ``G``'s gradients add up over the whole training and Adam sees their running sum;
-   ``g_grad_accumulation = True`` reproduces that.
+   500 of 575) is kept as fractions of the run's steps. ``g_grad_accumulation = True`` (the
+   default): as the official ``train_step`` (and BackdoorBench's), which zeroes only the
+   classifier's gradients, ``G``'s gradients add up over the whole training and Adam sees their
+   running sum; ``False`` zeroes them after every step (the default before).
 3. ``end``: the trained weights of ``G`` and ``M`` (with their BatchNorm statistics) go into
    ``state``, which the grid saves as safetensors, so the test-time trigger is reproducible
    from the cache.
@@ -91,8 +92,9 @@ Departures (besides those above):
 
 Defaults: ``poison_rate`` (``p_attack``) 0.1, ``cross_rate`` (``p_cross``) 0.1, ``lambda_div`` 1,
 ``lambda_norm`` 100, ``mask_density`` 0.032, ``lr_g`` = ``lr_m`` = 0.01, Adam betas (0.5, 0.9),
-25 mask epochs, target 0, all-to-one: official ``config.py`` and ``train.py``; BackdoorBench
-``default.yaml`` has the same values (``pratio`` 0.1 for both shares, ``clean_train_epochs`` 25).
+25 mask epochs, ``G``'s gradients never zeroed, target 0, all-to-one: official ``config.py`` and
+``train.py``; BackdoorBench ``default.yaml`` has the same values (``pratio`` 0.1 for both shares,
+``clean_train_epochs`` 25). ``gen_width = 0`` takes the official width for the image's channels.
 
 Cost (counted multiply-adds per 32x32 image): ``G`` and ``M`` are 80M each at width 32 (0.72M
 parameters each), against 35M for ResNet-18 at width 16, 555M at width 64 and 10M for smallcnn at
@@ -108,8 +110,10 @@ batch of 128) took 226 ms in float32 NCHW, 155 ms channels_last and 72 ms channe
 EPYC with native bf16); before (``version`` 1) they ran in float32 NCHW.
 
 Measured (quick preset, GTSRB, ResNet-18 width 16, seed 0, target 0, on a 2-core EPYC with native bf16,
-bf16 on; the clean model of the 4-epoch recipe has CA 97.2 %), with the generators in float32: 4 epochs: CA 97.0, ASR 75.9 (RA 23.7), 317 s of which 150 s are the one
-mask pre-training epoch at width 32; 12 epochs (``--set train.epochs=12``): CA 98.0, ASR 88.8, 620 s.
+bf16 on; the clean model of the 4-epoch recipe has CA 97.2 %), at the defaults before (mask epochs
+scaled to the run, ``G``'s gradients zeroed every step), with the generators in float32: 4 epochs:
+CA 97.0, ASR 75.9 (RA 23.7), 317 s of which 150 s are the one mask pre-training epoch at width 32;
+12 epochs (``--set train.epochs=12``): CA 98.0, ASR 88.8, 620 s.
 Backdoor share 0.2: CA 96.8, ASR 89.7; 0.3 (the quick preset's setting): CA 96.5,
 ASR 95.7, 438 s; with the generators under bf16 (now): CA 95.8, ASR 93.7, 262 s. On the demo's synthetic set (10 epochs): ASR 35.7; 5 mask epochs: 40.7; ``gen_width=16`` with them: 23.2.
 """
@@ -127,6 +131,7 @@ from torch import nn
 from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share, map_images
 from bench.config import param
 from bench.data import Augmentation, ImageSet, augment
+from bench.official import table
 from bench.registry import BenchError
 from bench.train import TrainConfig, TrainExtension, autocast
 
@@ -210,12 +215,31 @@ class IAD(Attack):
     lambda_div: float = param(1.0, low=0.0, doc="weight of the diversity losses (official: 1)")
     lambda_norm: float = param(100.0, low=0.0, doc="weight of the mask density loss in pre-training (official: 100)")
     mask_density: float = param(0.032, low=0.0, high=1.0, doc="target mask density (official: 0.032)")
-    mask_epochs: int = param(0, low=0, doc="mask pre-training epochs; 0: max(1, round(25 * train epochs / 575)), "
-                                           "the official 25 of 575 joint epochs scaled to the run")
+    mask_epochs: int = param(25, low=0, doc="mask pre-training epochs (official: 25); 0: max(1, round(25 * train "
+                                            "epochs / 575)), the official 25 of 575 joint epochs scaled to the run")
     lr_g: float = param(0.01, low=0.0, doc="Adam learning rate of the pattern generator (official lr_G: 0.01)")
     lr_m: float = param(0.01, low=0.0, doc="Adam learning rate of the mask generator (official lr_M: 0.01)")
     gen_width: int = param(0, low=0, doc="generators' first width; 0: official, 16 for one-channel images, else 32")
-    g_grad_accumulation: bool = param(False, doc="never zero G's gradients, as the official train_step (default: zeroed every step)")
+    g_grad_accumulation: bool = param(True, doc="never zero G's gradients, as the official train_step; False: zeroed "
+                                                "every step")
+
+    official: ClassVar[dict] = table(
+        target=(0, "VinAIResearch/input-aware-backdoor-attack-release config.py: --target_label 0"),
+        poison_rate=(0.1, "VinAIResearch/input-aware-backdoor-attack-release config.py: --p_attack 0.1 (per batch)"),
+        label_mode=("all2one", "VinAIResearch/input-aware-backdoor-attack-release config.py: --attack_mode all2one"),
+        cross_rate=(0.1, "VinAIResearch/input-aware-backdoor-attack-release config.py: --p_cross 0.1"),
+        lambda_div=(1.0, "VinAIResearch/input-aware-backdoor-attack-release config.py: --lambda_div 1"),
+        lambda_norm=(100.0, "VinAIResearch/input-aware-backdoor-attack-release config.py: --lambda_norm 100"),
+        mask_density=(0.032, "VinAIResearch/input-aware-backdoor-attack-release config.py: --mask_density 0.032"),
+        mask_epochs=(25, "VinAIResearch/input-aware-backdoor-attack-release train.py: for i in range(25): train_mask_step "
+                         "(BackdoorBench config/attack/inputaware/default.yaml: clean_train_epochs 25)"),
+        lr_g=(0.01, "VinAIResearch/input-aware-backdoor-attack-release config.py: --lr_G 0.01"),
+        lr_m=(0.01, "VinAIResearch/input-aware-backdoor-attack-release config.py: --lr_M 0.01"),
+        gen_width=(0, "0 takes the official width for the image: VinAIResearch/input-aware-backdoor-attack-release "
+                      "networks/models.py Generator, 32 for CIFAR-10 and GTSRB, 16 for MNIST"),
+        g_grad_accumulation=(True, "VinAIResearch/input-aware-backdoor-attack-release train.py: train_step calls "
+                                   "optimizerC.zero_grad() only, never optimizerG's"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

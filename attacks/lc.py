@@ -1,4 +1,4 @@
-"""Label-consistent (LC): hard-to-classify target-class images, stamped with faint corner patterns.
+"""Label-consistent (LC): hard-to-classify target-class images, stamped with corner patterns.
 
 Paper: Turner, Tsipras and Madry, "Label-Consistent Backdoor Attacks", arXiv:1912.02771, 2019
 (official code: MadryLab/label-consistent-backdoor-code, commit b18d8ab). Clean-label
@@ -47,15 +47,21 @@ them). Grayscale images get it in their single channel; other sizes keep 3x3 cor
 official code handles 32x32 only; BackdoorBench resizes the 32x32 table with nearest
 neighbours).
 
-- ``amplitude = 32/255`` (training): the paper's reduced-amplitude trigger makes the poisoned
-  images less conspicuous; 32/255 is the example in the official README
-  (``poisoning_reduced_amplitude``: "e.g. 0.12549019607843137 for 32/255"). BackdoorBench's
-  ``config/attack/lc/default.yaml`` uses ``reduced_amplitude: 1``.
-- ``test_amplitude = 1.0`` (the triggered test set): the full-amplitude trigger. The paper
-  describes poisoning with the reduced amplitude and attacking with the full one (not checked
-  against its text here); the official ``generate_poisoned_dataset.py`` stamps its test set
-  with the same attack object, i.e. the same amplitude as training, and BackdoorBench uses
-  its one amplitude (1.0) for both. ``test_amplitude = amplitude`` gives the official variant.
+- ``amplitude = 1.0`` (training): the official ``config.json`` (``poisoning_reduced_amplitude:
+  null``, i.e. full amplitude) and BackdoorBench's ``config/attack/lc/default.yaml``
+  (``reduced_amplitude: 1``). The paper's reduced-amplitude trigger makes the poisoned images
+  less conspicuous; 32/255, the example in the official README ("e.g. 0.12549019607843137 for
+  32/255"), was the default here before (``lc.amplitude=0.12549019607843137``).
+- ``test_amplitude = 1.0`` (the triggered test set): the full-amplitude trigger, as the official
+  ``generate_poisoned_dataset.py``, which stamps its test set with the training amplitude (full
+  by default), and BackdoorBench (its one amplitude, 1.0, for both). With a reduced training
+  amplitude, ``test_amplitude = amplitude`` gives the official variant; the paper describes
+  attacking with the full one (not checked against its text here).
+- Not a field: the official ``config.json``'s trigger is ``bottom-right`` (one corner); here it
+  is ``all-corners``, its other choice, as BackdoorBench.
+- ``eps``: the official ``config.json`` starts from ``two_300.npy``, an l2-bounded set (300) no
+  l_inf bound here represents; the table gives BackdoorBench's generator's 8/255 (the official
+  sets include ``inf_8`` too).
 - Target 0, all-to-one, ``poison_rate = 0.1`` of the whole training set: BackdoorBench
   ``config/attack/lc/default.yaml`` (``attack_target: 0``, ``attack_label_trans: all2one``,
   ``pratio: 0.1``), ``attack/lc.py`` selecting with ``clean_label=True``. The official
@@ -83,18 +89,19 @@ float32 NCHW, 0.41 s channels_last, 0.16 s channels_last + bf16 autocast; smallc
 every LC model and the numbers measured on them; left for a change that retrains those.
 
 Measured (quick preset, GTSRB, ResNet-18 width 16, 4 epochs, seed 0, target 2, all 2,250
-class-2 training images poisoned; clean model CA 97.2 %): the defaults give CA 96.4, ASR 0.3;
-BackdoorBench's full training amplitude (``--set lc.amplitude=1``) CA 94.9, ASR 0.4. On the demo's
-synthetic set: 99.8 / 0.7 and 93.4 / 71.7. Over 12 epochs (``--set train.epochs=12``, the reference trained
-12 too, CA 98.3): CA 98.1, ASR 0.3. So with perturbations from a normally trained model the attack
-does not implant on GTSRB, at either amplitude, in 4 or 12 epochs. Our first suspect was the
-reference model (BackdoorBench's perturbations come from adversarially trained models, whose
-adversarial images lose their class's robust features). Tested with a PGD-adversarially trained
-reference in its place (same recipe, every batch replaced by L_inf PGD with eps 8/255, 5 steps of
+class-2 training images poisoned; clean model CA 97.2 %): training amplitude 32/255 (the default
+before) gives CA 96.4, ASR 0.3; full training amplitude (``lc.amplitude=1``, the default now) CA
+94.9, ASR 0.4. On the demo's synthetic set: 99.8 / 0.7 and 93.4 / 71.7. Over 12 epochs (``--set
+train.epochs=12``, the reference trained 12 too, CA 98.3; amplitude 32/255): CA 98.1, ASR 0.3.
+So with perturbations from a normally trained model the attack does not implant on GTSRB, at either
+amplitude, in 4 or 12 epochs. Our first suspect was the reference model (BackdoorBench's
+perturbations come from adversarially trained models, whose adversarial images lose their class's
+robust features). Tested with a PGD-adversarially trained reference in its place (same recipe, every
+batch replaced by L_inf PGD with eps 8/255, 5 steps of
 2/255 from a random start; 436 s on a 2-core EPYC with native bf16, clean CA 84.6 %, adversarial training accuracy 68 %; an
 experiment script, not part of the bench): CA 97.0, ASR 0.6 at amplitude 32/255 and CA 96.6,
 ASR 1.1 at full amplitude. The paper's larger L_inf bound, 16/255 (``--set lc.eps=0.0627451``, the
-clean reference; 2026-12-03, same machine kind, idle: PGD and training 15 min 49 s with the reference's
+clean reference, amplitude 32/255; 2026-12-03, same machine kind, idle: PGD and training 15 min 49 s with the reference's
 232 s), made the images harder without making the trigger learnt: CA 91.8 (class 2's perturbed images
 now cost clean accuracy), ASR 0.3, RA 96.6. So the reference model is not what stops it either: on GTSRB at this
 recipe's length the corner trigger on the 2,250 class-2 images is not learnt, whichever model
@@ -118,6 +125,7 @@ from torch import nn
 from attacks.base import ATTACKS, CleanLabelAttack, PoisonedSet, clean_label_rate
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 
 PGD_BATCH = 256  # images per PGD batch
@@ -179,18 +187,35 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
 @dataclass(frozen=True)
 class LabelConsistent(CleanLabelAttack):
     description: ClassVar[str] = ("clean-label: target-class images made hard by L_inf PGD (8/255) on the clean reference "
-                                  "model, with 3x3 corner checkerboards at amplitude 32 (255 at test)")
+                                  "model, with full-amplitude 3x3 corner checkerboards")
     paper: ClassVar[str] = "Turner, Tsipras & Madry, Label-Consistent Backdoor Attacks, arXiv:1912.02771, 2019"
     needs_clean_model: ClassVar[bool] = True
 
-    poison_rate: float = clean_label_rate(0.1, "BackdoorBench pratio: 0.1")
+    poison_rate: float = clean_label_rate(0.1, "official poisoning_proportion 1.0 of the class, 0.1 of CIFAR-10; "
+                                                "BackdoorBench pratio: 0.1")
     eps: float = param(8 / 255, doc="L_inf bound of the PGD perturbation, a fraction of the pixel range, in (0, 1] "
                                     "(BackdoorBench's generator: 8/255)")
     pgd_step: float = param(1.5 / 255, doc="PGD step size, a fraction of the pixel range, in (0, 1] (BackdoorBench: 1.5/255)")
     pgd_steps: int = param(100, low=0, doc="PGD steps (BackdoorBench: 100; 0 = no perturbation)")
-    amplitude: float = param(32 / 255, doc="corner-pattern amplitude on poisoned training images, a fraction of 255, "
-                                           "in (0, 1] (official README example: 32/255)")
+    amplitude: float = param(1.0, doc="corner-pattern amplitude on poisoned training images, a fraction of 255, "
+                                      "in (0, 1] (official config.json: full, 1; the README's reduced example: 32/255)")
     test_amplitude: float = param(1.0, doc="corner-pattern amplitude on the triggered test set, in (0, 1] (1 = full)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "MadryLab/label-consistent-backdoor-code config.json: poisoning_target_class 0"),
+        poison_rate=(0.1, "MadryLab/label-consistent-backdoor-code config.json: poisoning_proportion 1.0 of the target "
+                          "class, 0.1 of CIFAR-10's set; BackdoorBench config/attack/lc/default.yaml: pratio 0.1"),
+        label_mode=("all2one", "MadryLab/label-consistent-backdoor-code config.json: one poisoning_target_class"),
+        eps=(8 / 255, "BackdoorBench resource/label-consistent/craft_adv_dataset.py: pgd_config eps 8 (of 255); the "
+                      "official config.json's two_300.npy is l2-bounded, not representable here"),
+        pgd_step=(1.5 / 255, "BackdoorBench resource/label-consistent/craft_adv_dataset.py: pgd_config alpha 1.5 (of 255); "
+                             "the official code ships perturbed sets, no PGD"),
+        pgd_steps=(100, "BackdoorBench resource/label-consistent/craft_adv_dataset.py: pgd_config steps 100"),
+        amplitude=(1.0, "MadryLab/label-consistent-backdoor-code config.json: poisoning_reduced_amplitude null (full); "
+                        "BackdoorBench config/attack/lc/default.yaml: reduced_amplitude 1"),
+        test_amplitude=(1.0, "MadryLab/label-consistent-backdoor-code generate_poisoned_dataset.py: the test set stamped "
+                             "with the training amplitude, full by default"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

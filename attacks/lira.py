@@ -3,9 +3,9 @@
 Paper: Doan, Lao, Zhao and Li, "LIRA: Learnable, Imperceptible and Robust Backdoor Attacks",
 ICCV 2021, arXiv:2104.05808. Official code: sunbelbd/invisible_backdoor_attacks
 (``pytorch/lira_trigger_generation.py`` for stage 1, ``pytorch/lira_backdoor_injection.py`` for
-stage 2, ``paddle/python/attack_models/unet.py`` for the generator; the README gives the
-commands per dataset). The RNP authors ship LIRA-backdoored CIFAR-10 weights (bboylyg/RNP
-README) but no code for it.
+stage 2, ``pytorch/attack_models/unet.py`` for the generator, at commit 87e3ab5; the head, f292e73,
+keeps the paddle version only; the README gives the commands per dataset). The RNP authors ship
+LIRA-backdoored CIFAR-10 weights (bboylyg/RNP README) but no code for it.
 
 The trigger. A generator ``G`` maps the image ``x`` (in [0, 1]) to a perturbation in (-1, 1)
 (``tanh`` output); the triggered image is ``clamp(x + eps * G(x), 0, 1)``, so no pixel moves by
@@ -13,7 +13,7 @@ more than ``eps`` of the range. ``G`` is the official CIFAR-10 ``UNet``: ``level
 conv3x3-BatchNorm-ReLU, then 2x2 average pooling) of widths ``width * 2^i``, a bottom block of
 ``width * 2^levels``, ``levels`` up blocks (bilinear x2 upsampling with ``align_corners=True``, the
 skip connection concatenated, two conv-BN-ReLU), a 1x1 conv to the image's channels, BatchNorm,
-``tanh``. Official: width 64, 3 levels (32x32 inputs). Here ``gen_width = 0`` takes 64 and the
+``tanh``. Official: width 64, 3 levels (32x32 inputs). Here ``gen_width = 64`` (0 takes 64 too) and the
 levels follow the image size (3 when it divides by 8, 2 by 4, else 1), as for IAD.
 
 Training, inside the shared trainer through ``train_extension()`` (a ``TrainExtension``):
@@ -36,13 +36,17 @@ part's (officially every image appears both ways: ``poison_rate = 1``). The trig
 made by ``G`` in eval mode without gradient (the official classifier steps use the ``atkmodel``
 copy in eval mode).
 
-Defaults and sources: ``eps = 0.1`` and ``alpha = 0.5`` (README, CIFAR-10 commands of both
-stages: ``--eps 0.1 --test_eps 0.1 --alpha 0.5 --test_alpha 0.5``; the parser's own default eps
-is 0.3, the MNIST command 0.01 at test time); ``lr_atk = 1e-4`` (parser default ``--lr-atk``;
-Adam as ``create_models``); ``poison_rate = 1`` (every image clean and triggered, ``train`` and
-``final_test``); ``stage1_epochs = 0`` takes ``max(1, round(epochs * 50 / 300))``: the README's
-CIFAR-10 run has 50 stage-1 epochs and 250 stage-2 epochs, so stage 1 is 1/6 of the run (2 of the
-demo's 10 epochs, 1 of the quick preset's 4). Target 0, all-to-one (README commands).
+Defaults and sources: ``eps = 0.01`` and ``alpha = 0.5`` (README, CIFAR-10 commands of both
+stages since commit 202b4cb: ``--eps 0.01 --test_eps 0.01 --alpha 0.5 --test_alpha 0.5``;
+BackdoorBench ``config/attack/lira/cifar10.yaml``: ``eps: 0.01``; the README of the first commits,
+07f38cd, ran ``--eps 0.1``, the default here before; the parser's own default eps is 0.3);
+``lr_atk = 1e-4`` (parser default ``--lr-atk``; Adam as ``create_models``); ``poison_rate = 1``
+(every image clean and triggered, ``train`` and ``final_test``); ``stage1_epochs = 50`` (the
+README's CIFAR-10 run: ``--epochs 50`` of stage 1, then ``--test_epochs 250``; a run of at most 50
+epochs is stage 1 throughout); ``stage1_epochs = 0`` takes ``max(1, round(epochs * 50 / 300))``
+instead, the official share of the run (2 of the demo's 10 epochs, 1 of the quick preset's 4; the
+default before); ``lookahead``: the official ``train`` steps a temporary copy of the classifier
+and trains ``G`` on it. Target 0, all-to-one (README commands).
 ``eps`` must lie in (0, 1]: it is a fraction of the pixel range.
 
 Departures:
@@ -78,6 +82,7 @@ from attacks.base import ATTACKS, Attack, PoisonedSet, map_images
 from attacks.iad import levels_for
 from bench.config import param
 from bench.data import Augmentation, ImageSet
+from bench.official import table
 from bench.registry import BenchError
 from bench.train import TrainConfig, TrainExtension, autocast, lr_lambda
 
@@ -125,15 +130,32 @@ class LIRA(Attack):
 
     poison_rate: float = param(1.0, low=0.0, high=1.0, doc="share of every batch also given as triggered copies "
                                                            "(official: every image, 1.0)")
-    eps: float = param(0.1, doc="bound on the perturbation, a fraction of the pixel range, in (0, 1] "
-                                "(official CIFAR-10 command: 0.1)")
+    eps: float = param(0.01, doc="bound on the perturbation, a fraction of the pixel range, in (0, 1] "
+                                 "(official CIFAR-10 command: 0.01)")
     alpha: float = param(0.5, low=0.0, high=1.0, doc="weight of the clean loss, 1 - alpha of the triggered one (official: 0.5)")
     lr_atk: float = param(1e-4, low=0.0, doc="Adam learning rate of the generator (official --lr-atk: 1e-4)")
-    stage1_epochs: int = param(0, low=0, doc="epochs of stage 1 (generator trained); 0: max(1, round(epochs * 50 / 300)), "
-                                             "the official 50 of 300")
-    gen_width: int = param(0, low=0, doc="the generator's first width; 0: official, 64")
+    stage1_epochs: int = param(50, low=0, doc="epochs of stage 1 (generator trained; official: 50); 0: max(1, "
+                                              "round(epochs * 50 / 300)), the official 50 of 300")
+    gen_width: int = param(64, low=0, doc="the generator's first width (official: 64; 0 takes 64 too)")
     lookahead: bool = param(True, doc="stage 1's generator loss on the one-step look-ahead classifier (paper); "
                                       "False: on the current classifier (first order)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "sunbelbd/invisible_backdoor_attacks README.md, CIFAR-10 commands: --target_label 0"),
+        poison_rate=(1.0, "sunbelbd/invisible_backdoor_attacks pytorch/lira_trigger_generation.py (commit 87e3ab5): "
+                          "train's loss on every image clean and triggered"),
+        label_mode=("all2one", "sunbelbd/invisible_backdoor_attacks README.md, CIFAR-10 commands: --mode all2one"),
+        eps=(0.01, "sunbelbd/invisible_backdoor_attacks README.md, CIFAR-10 commands: --eps 0.01 --test_eps 0.01 "
+                   "(BackdoorBench config/attack/lira/cifar10.yaml: eps 0.01)"),
+        alpha=(0.5, "sunbelbd/invisible_backdoor_attacks README.md, CIFAR-10 commands: --alpha 0.5 --test_alpha 0.5"),
+        lr_atk=(1e-4, "sunbelbd/invisible_backdoor_attacks pytorch/lira_trigger_generation.py (commit 87e3ab5): "
+                      "--lr-atk 0.0001"),
+        stage1_epochs=(50, "sunbelbd/invisible_backdoor_attacks README.md, CIFAR-10 stage 1: --epochs 50"),
+        gen_width=(64, "sunbelbd/invisible_backdoor_attacks pytorch/attack_models/unet.py (commit 87e3ab5): UNet, "
+                       "first width 64"),
+        lookahead=(True, "sunbelbd/invisible_backdoor_attacks pytorch/lira_trigger_generation.py (commit 87e3ab5): "
+                         "train steps tmpmodel by the classifier's lr and trains the generator on it"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -52,6 +52,7 @@ import torch
 
 from attacks.base import ATTACKS, CleanLabelAttack, clean_label_rate
 from bench.config import param
+from bench.official import table
 from bench.registry import BenchError
 
 
@@ -71,6 +72,16 @@ class SIG(CleanLabelAttack):
     poison_rate: float = clean_label_rate(0.1, "BackdoorBench pratio: 0.1")
     delta: float = param(40.0, doc="amplitude of the sinusoid in 0..255 pixel units, in (0, 255] (BackdoorBench: 40)")
     f: float = param(6.0, doc="periods of the sinusoid across the image width, > 0 (BackdoorBench: 6)")
+
+    # No code of the paper's authors is known here: BackdoorBench's values (SCLBD/BackdoorBench, commit f02e353).
+    official: ClassVar[dict] = table(
+        target=(0, "BackdoorBench config/attack/sig/default.yaml: attack_target 0"),
+        poison_rate=(0.1, "BackdoorBench config/attack/sig/default.yaml: pratio 0.1 (of the whole set, clean_label=True "
+                          "in attack/sig.py)"),
+        label_mode=("all2one", "BackdoorBench config/attack/sig/default.yaml: attack_label_trans all2one"),
+        delta=(40.0, "BackdoorBench config/attack/sig/default.yaml: sig_delta 40"),
+        f=(6.0, "BackdoorBench config/attack/sig/default.yaml: sig_f 6"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from attacks.base import ATTACKS, Attack, PoisonedSet
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 from bench.train import BatchRewrite
 
@@ -77,6 +78,16 @@ class WaNet(Attack):
     s: float = param(0.5, low=0.0, doc="warping strength (official: 0.5)")
     grid_rescale: float = param(1.0, low=0.0, doc="scale of the warped grid (official: 1)")
     cross_ratio: float = param(2.0, low=0.0, doc="noise-mode images per poisoned image in a batch (official: 2)")
+
+    official: ClassVar[dict] = table(
+        target=(0, "VinAIResearch/Warping-based_Backdoor_Attack-release config.py: --target_label 0"),
+        poison_rate=(0.1, "VinAIResearch/Warping-based_Backdoor_Attack-release config.py: --pc 0.1 (per batch)"),
+        label_mode=("all2one", "VinAIResearch/Warping-based_Backdoor_Attack-release config.py: --attack_mode all2one"),
+        k=(4, "VinAIResearch/Warping-based_Backdoor_Attack-release config.py: --k 4"),
+        s=(0.5, "VinAIResearch/Warping-based_Backdoor_Attack-release config.py: --s 0.5"),
+        grid_rescale=(1.0, "VinAIResearch/Warping-based_Backdoor_Attack-release config.py: --grid-rescale 1"),
+        cross_ratio=(2.0, "VinAIResearch/Warping-based_Backdoor_Attack-release config.py: --cross_ratio 2"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,10 +14,22 @@ the mean and std it was trained with: ``--normalize MEAN,STD`` (one value each, 
 channel), ``--normalize none`` (the network takes [0, 1] itself), or by default the dataset's
 (``bench list datasets --fields`` does not show them; ``bench/data.py`` does).
 
+Fit: PyTorch decides. The state dict is loaded with ``Module.load_state_dict(strict=True)``, so a
+checkpoint loads here exactly when PyTorch loads it into the architecture, with PyTorch's own
+rules: BatchNorm's ``num_batches_tracked`` may be missing from a state dict without version
+metadata (every safetensors file) or whose metadata gives BatchNorm a version below 2, from before
+it had that buffer (the module keeps its own value), a 0-d buffer may come as a one-element vector,
+modules' load hooks read the metadata and rename legacy keys (torchvision's ViT ``mlp.linear_1``;
+its MNASNet refuses a state dict without metadata, so its safetensors files too), non-persistent
+buffers are never expected, and tensors of another dtype are cast (an fp16 or bf16 checkpoint into
+an fp32 model). A ``.pt`` state dict keeps the version metadata that ``torch.save(model.state_dict())``
+writes (``_metadata``, its keys stripped of ``module.`` with the tensors'), and those rules read it,
+as PyTorch's do.
+
 Every problem is one ``BenchError`` line naming the file and what was expected, raised before
-any defense runs: a missing file, a truncated or foreign file, no tensors, keys or shapes that do
-not match the architecture (the first few missing, unexpected and mis-shaped keys), a number of
-classes other than the dataset's.
+any defense runs: a missing file, a truncated or foreign file, no tensors, a number of classes other
+than the dataset's, or a state dict PyTorch refuses for the architecture (the first few missing,
+unexpected and mis-shaped keys it names, or the first line of another reason).
 """
 
 from __future__ import annotations
@@ -25,11 +37,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from bench.registry import BenchError
 
@@ -85,7 +100,8 @@ def parse_normalize(value: str | None) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors by name (unwrapped, ``module.`` stripped); nothing else is kept."""
+    """The checkpoint's tensors by name (unwrapped, ``module.`` stripped), and the per-module version metadata
+    (``_metadata``) of a ``.pt`` state dict that has it, which ``load_state_dict`` reads; nothing else is kept."""
     p = Path(path)
     name = p.name
     if p.suffix.lower() == ".safetensors":
@@ -114,61 +130,92 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise BenchError(f"checkpoint {name} holds no tensors; expected a state dict (at the top level or under "
                          f"{', '.join(WRAPPER_KEYS)})")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        consume_prefix_in_state_dict_if_present(tensors, "module.")  # the keys and the metadata's
     return tensors
 
 
 def _unwrap(obj) -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
+    if not isinstance(obj, dict):
         return {}
-    if isinstance(obj, dict):
-        for key in WRAPPER_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
-        return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return {}
+    for key in WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    tensors = OrderedDict((k, v) for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor))
+    metadata = getattr(obj, "_metadata", None)
+    if isinstance(metadata, dict):
+        tensors._metadata = metadata  # type: ignore[attr-defined]
+    return tensors
 
 
 def load_into(model: nn.Module, ckpt: Checkpoint, num_classes: int, dataset: str, model_name: str) -> None:
-    """Load the checkpoint into ``model`` (a ``bench.models.Classifier``), checked key by key and shape by shape.
+    """Load the checkpoint into ``model`` (a ``bench.models.Classifier``) by ``load_state_dict(strict=True)``.
 
     Our own cached models (``net.*``, ``mean``, ``std``) load whole; a foreign state dict loads
     into ``model.net`` and the wrapper's mean and std come from ``ckpt.normalize`` (None: the
-    dataset's, already in the model).
+    dataset's, already in the model). What PyTorch refuses is one ``BenchError`` line; the model is then
+    partly loaded, and the callers (``bench.run.plan``, ``bench.run.cells``) drop it.
     """
     tensors = read_tensors(ckpt.path)
     ours = "mean" in tensors and "std" in tensors and any(k.startswith("net.") for k in tensors)
     target = model if ours else model.net
-    want = target.state_dict()
-    missing = [k for k in want if k not in tensors]
-    unexpected = [k for k in tensors if k not in want]
-    shaped = [k for k in want if k in tensors and tuple(tensors[k].shape) != tuple(want[k].shape)]
     head = _head(target)
-    if head is not None and head in shaped:
+    if head is not None and head in tensors and tuple(tensors[head].shape) != tuple(target.get_parameter(head).shape):
         got = tensors[head].shape[0]
         raise BenchError(f"checkpoint {ckpt.name} has {got} classes ({head}: {tuple(tensors[head].shape)}), "
                          f"dataset {dataset} has {num_classes}; give the dataset the model was trained on")
-    if missing or unexpected or shaped:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                parts.append(f"{len(keys)} {what} ({', '.join(keys[:SHOW])}{', ...' if len(keys) > SHOW else ''})")
-        if shaped:
-            shown = ", ".join(f"{k} {tuple(tensors[k].shape)} != {tuple(want[k].shape)}" for k in shaped[:SHOW])
-            parts.append(f"{len(shaped)} mis-shaped ({shown}{', ...' if len(shaped) > SHOW else ''})")
-        raise BenchError(f"checkpoint {ckpt.name} does not fit --model {model_name}: {'; '.join(parts)}")
-    with torch.no_grad():
-        target.load_state_dict({k: tensors[k].to(want[k].dtype) for k in want})
-        if not ours and ckpt.normalize is not None:
-            mean, std = ckpt.normalize
-            channels = model.mean.shape[1]
-            mean = mean or (0.0,)
-            std = std or (1.0,)
-            if len(mean) not in (1, channels):
-                raise BenchError(f"--normalize gives {len(mean)} means for {channels} channels; give 1 or {channels}")
+    try:
+        target.load_state_dict(tensors, strict=True)
+    except Exception as exc:  # PyTorch's refusal (a RuntimeError), or whatever a module's load hook raises
+        raise BenchError(f"checkpoint {ckpt.name} does not fit --model {model_name}: {_refusal(exc)}") from None
+    if not ours and ckpt.normalize is not None:
+        mean, std = ckpt.normalize
+        channels = model.mean.shape[1]
+        mean = mean or (0.0,)
+        std = std or (1.0,)
+        if len(mean) not in (1, channels):
+            raise BenchError(f"--normalize gives {len(mean)} means for {channels} channels; give 1 or {channels}")
+        with torch.no_grad():
             model.mean.copy_(torch.tensor(mean).expand(channels).view_as(model.mean))
             model.std.copy_(torch.tensor(std).expand(channels).view_as(model.std))
+
+
+_SIZE = re.compile(r"size mismatch for (.+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
+                   r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _refusal(exc: Exception) -> str:
+    """PyTorch's reasons, in our words: the first few missing, unexpected and mis-shaped keys, or its first line.
+
+    ``load_state_dict`` raises one RuntimeError, ``Error(s) in loading state_dict for X:`` and then one
+    line (after a tab) per reason: the missing keys, the unexpected keys (each quoted), one size mismatch
+    per key, or another reason (a copy that failed)."""
+    text = str(exc)
+    missing, unexpected, shaped, other = [], [], [], []
+    if isinstance(exc, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
+        for line in text.split("\n\t")[1:]:
+            size = _SIZE.match(line)
+            if line.startswith("Missing key(s) in state_dict:"):
+                missing += re.findall(r'"([^"]*)"', line)
+            elif line.startswith("Unexpected key(s) in state_dict:"):
+                unexpected += re.findall(r'"([^"]*)"', line)
+            elif size:
+                shaped.append((size[1], *(tuple(int(d) for d in dims.split(", ") if d) for dims in size.groups()[1:])))
+            elif line.strip():
+                other.append(line.strip().splitlines()[0])
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:SHOW])}{', ...' if len(keys) > SHOW else ''})")
+    if shaped:
+        shown = ", ".join(f"{k} {got} != {expected}" for k, got, expected in shaped[:SHOW])
+        parts.append(f"{len(shaped)} mis-shaped ({shown}{', ...' if len(shaped) > SHOW else ''})")
+    if other:
+        parts.append(other[0][:200])
+    if not parts:
+        parts.append(f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:200]}")
+    return "; ".join(parts)
 
 
 def _head(net: nn.Module) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import shlex
 import sys
 from pathlib import Path
@@ -318,15 +320,41 @@ def list_(what, fields, plugins) -> None:
     from detectors import DETECTORS
 
     if what == "presets":
+        from bench import finetune
+        from bench.official import official_table, recipe_departures
+
+        regs = (ATTACKS, DEFENSES, DETECTORS, DATASETS, MODELS)
         for name, p in PRESETS.items():
             click.echo(f"{name:10s} {p.description}")
-            if fields:  # what the preset sets: data, model, recipe, and every component field it changes
+            if fields:  # what the preset sets: data, model, recipe, and every field it changes, beside the official value
                 t = p.train
                 click.echo(f"{'':12s}dataset {p.dataset}, model {p.model}, defense data {p.defense_data:g}; train: "
                            f"{t.epochs} epochs, batch {t.batch_size}, lr {t.lr:g}, {t.schedule}; jobs {p.jobs}")
+                if name != "paper":
+                    off = "; ".join(f"{d['field']} {d['official']!r}" for d in recipe_departures(
+                        dataclasses.asdict(t), dataclasses.asdict(PRESETS["paper"].train)))
+                    click.echo(f"{'':12s}  the paper protocol's recipe: {off or 'the same'}")
                 for comp, values in p.fields.items():
+                    cls = next((r.get(comp) for r in regs if comp in r), None)
+                    base = getattr(cls, "settings_from", None)
+                    tab = official_table(cls) if cls is not None else {}
                     for fname, value in values.items():
-                        click.echo(f"{'':12s}{comp}.{fname} = {value!r}")
+                        o = tab.get(fname)
+                        beside = ("" if o is None else f"   (official {o.value!r}: {o.source})" if o.exists
+                                  else f"   (no official value: {o.source})")
+                        click.echo(f"{'':12s}{comp}.{fname} = {value!r}{beside}")
+                    if base:
+                        click.echo(f"{'':14s}({comp} also takes the {base} settings above)")
+                for dname in DEFENSES.names():  # the fine-tuning rule's learning rates on this recipe
+                    rule = finetune.rule_of(DEFENSES.get(dname))
+                    given = set(p.fields.get(dname, {}))
+                    if rule is None or rule.scale(t.lr) == 1:
+                        continue
+                    tab = official_table(DEFENSES.get(dname))
+                    for f in rule.fields:
+                        if f not in given:
+                            click.echo(f"{'':12s}{dname}.{f} = {tab[f].value * rule.scale(t.lr):g}   (fine-tuning rule: "
+                                       f"official {tab[f].value:g} x {rule.scale(t.lr):g}, recipe lr {t.lr:g} / reference {rule.train_lr:g})")
         return
     reg = {"attacks": ATTACKS, "defenses": DEFENSES, "detectors": DETECTORS, "datasets": DATASETS, "models": MODELS}[what]
     for name, cls in reg.items():

@@ -143,6 +143,16 @@ class Dataset(Config):
     paper: ClassVar[str] = ""
 
     train_subset: int = param(0, low=0, doc="use a seeded random subset of this many training images (0: all)")
+    train_images: ClassVar[int | None] = None  # the training split's size, where it is fixed (the official release's)
+
+    def train_count(self, data_dir: str | None = None) -> int | None:
+        """The number of training images, without loading anything: exact once loaded in this process (a
+        folder's, whose statistics the model needs at planning), else the release's size; None if unknown."""
+        loaded = _LOADED.get((self, str(resolve_data_dir(data_dir)), str(cache_dir())))
+        n = len(loaded.train) if loaded is not None else self.train_images
+        if loaded is None and n is not None and self.train_subset:
+            n = min(n, self.train_subset)
+        return n
 
     def load(self, data_dir: str | None = None) -> tuple[ImageSet, ImageSet]:
         """(train, test), loaded once per process for each config and data folder.
@@ -287,6 +297,9 @@ class Synthetic(Dataset):
     description: ClassVar[str] = "built-in, offline: 10 procedurally drawn shape classes, 32x32 RGB"
 
     n_train: int = param(5000, low=10, doc="training images")
+
+    def train_count(self, data_dir: str | None = None) -> int | None:
+        return min(self.n_train, self.train_subset) if self.train_subset else self.n_train
     n_test: int = param(1000, low=10, doc="test images")
     seed: int = param(0, doc="generator seed (the data, not the run)")
     noise: float = param(0.06, low=0.0, high=1.0, doc="std of the Gaussian pixel noise")
@@ -428,6 +441,7 @@ class _CIFAR(Dataset):
 @dataclass(frozen=True)
 class CIFAR10(_CIFAR):
     num_classes: ClassVar[int] = 10
+    train_images: ClassVar[int | None] = 50000
     mean: ClassVar[tuple[float, ...]] = (0.4914, 0.4822, 0.4465)
     std: ClassVar[tuple[float, ...]] = (0.2470, 0.2435, 0.2616)
     description: ClassVar[str] = "CIFAR-10, 50k/10k 32x32 RGB, 10 classes (cifar-10-batches-py, md5-checked)"
@@ -438,6 +452,7 @@ class CIFAR10(_CIFAR):
 @dataclass(frozen=True)
 class CIFAR100(_CIFAR):
     num_classes: ClassVar[int] = 100
+    train_images: ClassVar[int | None] = 50000
     # Per-channel mean and std of the 50,000 training images (the figures quoted with CIFAR-100 training
     # code, e.g. weiaicunzai/pytorch-cifar100's conf/global_settings.py).
     mean: ClassVar[tuple[float, ...]] = (0.5071, 0.4865, 0.4409)
@@ -450,6 +465,7 @@ class CIFAR100(_CIFAR):
 @dataclass(frozen=True)
 class GTSRB(Dataset):
     num_classes: ClassVar[int] = 43
+    train_images: ClassVar[int | None] = 39209
     channels: ClassVar[int] = 3
     size: ClassVar[int] = 32
     mean: ClassVar[tuple[float, ...]] = (0.3403, 0.3121, 0.3214)
@@ -490,6 +506,7 @@ class GTSRB(Dataset):
 @dataclass(frozen=True)
 class MNIST(Dataset):
     num_classes: ClassVar[int] = 10
+    train_images: ClassVar[int | None] = 60000
     channels: ClassVar[int] = 1
     size: ClassVar[int] = 28
     mean: ClassVar[tuple[float, ...]] = (0.1307,)
@@ -652,6 +669,9 @@ class ImageFolder(Dataset):
 
     def _loaded(self, data_dir: str | None) -> Loaded:
         return super()._loaded(None)  # the folder is in the name; --data-dir does not move it
+
+    def train_count(self, data_dir: str | None = None) -> int | None:
+        return len(self._loaded(None).train)  # decoded at planning anyway: the model's statistics need it
 
     def _load(self, root: Path) -> tuple[tuple[ImageSet, ImageSet], dict]:
         folder = type(self).root

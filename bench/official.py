@@ -128,8 +128,9 @@ def recipe_departures(train: Mapping[str, Any], protocol: Mapping[str, Any],
 
 
 def describe(d: dict) -> str:
-    """One departure as text: ``nc.epochs 10 (official 1000)``."""
-    return f"{d['field']} {_fmt(d['value'])} (official {_fmt(d['official'])})"
+    """One departure as text: ``nc.epochs 10 (official 1000)``, and the rule that set it if one did."""
+    rule = f", {d['rule']}" if d.get("rule") else ""
+    return f"{d['field']} {_fmt(d['value'])} (official {_fmt(d['official'])}{rule})"
 
 
 def _fmt(v: Any) -> str:

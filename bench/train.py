@@ -182,15 +182,21 @@ def train(
     params: Optional[Iterable[nn.Parameter]] = None,
     progress: bool = False,
     desc: str = "train",
+    keep_ragged: bool = False,
 ) -> dict:
     """Train ``model`` in place on ``data``; return throughput and final-epoch loss/accuracy.
 
-    Returned: ``seconds`` (wall time of the extensions' ``plan`` and the loop together),
+    Returned: ``seconds`` (wall time of the extensions' ``plan`` and the loop together), ``steps``,
     ``plan_seconds`` (the ``plan`` part), ``img_per_s`` (the loop's images per second),
     ``loss`` and ``train_acc`` (last epoch).
 
     ``extensions`` plug into the loop (see :class:`TrainExtension`); ``params`` are the
     parameters the SGD optimiser updates (default: all of the model's).
+
+    An epoch is ``len(data) // batch_size`` full batches; ``keep_ragged`` adds the rest as a last,
+    smaller batch, as a PyTorch ``DataLoader`` does by default (``drop_last=False``), which is what
+    the official codes of the fine-tuning defenses use. A rest of one image is dropped even then:
+    BatchNorm cannot train on a batch of one.
     """
     device = torch.device(device)
     # gen: the CPU stream the extensions draw from (and, on the CPU, everything else: the draws stay the
@@ -202,7 +208,9 @@ def train(
     data = data.to(device)
     n = len(data)
     bs = min(cfg.batch_size, n)
-    steps_per_epoch = n // bs  # the ragged last batch is dropped: tiny batches upset BatchNorm
+    # Training a model drops the ragged last batch (tiny batches upset BatchNorm); a defense's
+    # fine-tune keeps it (keep_ragged), as the DataLoaders of the official codes do.
+    steps_per_epoch = n // bs + (1 if keep_ragged and n % bs > 1 else 0)
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.SGD(list(model.parameters() if params is None else params), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
@@ -238,12 +246,12 @@ def _loop(model, data, cfg, aug, gen, dgen, device, opt, sched, loss_fn, extensi
     n = len(data)
     loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     synchronize(device)
-    t0, seen = time.perf_counter(), 0
+    t0, seen, steps = time.perf_counter(), 0, 0
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=dgen, device=dgen.device).to(device)
         loss_sum, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for i in range(steps_per_epoch):
-            idx = perm[i * bs:(i + 1) * bs]
+            idx = perm[i * bs:(i + 1) * bs]  # with keep_ragged the last slice is the shorter rest
             x, y = augment(data.x[idx], aug, dgen), data.y[idx]
             for ext in extensions:
                 x, y = ext.batch(x, y, gen)
@@ -263,6 +271,7 @@ def _loop(model, data, cfg, aug, gen, dgen, device, opt, sched, loss_fn, extensi
             correct += (out.argmax(1) == y).sum()
             count += len(y)
             seen += len(y)
+            steps += 1
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0 or i == steps_per_epoch - 1:
@@ -272,6 +281,7 @@ def _loop(model, data, cfg, aug, gen, dgen, device, opt, sched, loss_fn, extensi
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
+        "steps": steps,
         "img_per_s": seen / max(seconds, 1e-9),
         "loss": loss_sum.item() / max(count, 1),
         "train_acc": correct.item() / max(count, 1),

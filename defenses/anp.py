@@ -54,17 +54,13 @@ accuracy over the last min(iterations, 500) iterations, the official print windo
 ({layer: [mask per channel]}, rounded to 5 decimals); with select=auto also
 ``holdout_images``, ``auto_measure``, ``auto_base`` and ``auto_values`` (the held-out measure per threshold tried).
 
-Departures from the official code, all deliberate:
-- ``project_noise`` (on by default): the paper bounds the perturbations by eps, but the
-  official step ``noise += eps/steps * sign(grad)`` has no projection, so after one step from
-  a uniform start they reach up to 2 eps. We project into [-eps, eps] after every step;
-  ``project_noise=false`` reproduces the official code.
-- ``bf16``: the mask optimisation runs under the recipe's bf16 autocast where the device supports it
-  natively; the official code runs fp32 (``bf16=false``). The official-settings mode is therefore
-  ``max_epochs=0 project_noise=false bf16=false`` (docs/anp.md).
-- ``max_epochs`` 25: iterations are capped at 25 passes over the defense data (98 iterations on
-  500 images instead of 2000), for CPU time; the measurements are at the field. ``max_epochs=0``
-  runs the official 2000.
+Defaults: the official code's (``official`` below, with sources). Options that depart from it, off
+by default: ``project_noise`` (the paper bounds the perturbations by eps, but the official step
+``noise += eps/steps * sign(grad)`` has no projection, so after one step from a uniform start they
+reach up to 2 eps; on, we project into [-eps, eps] after every step), ``bf16`` (the mask optimisation
+under the recipe's bf16 autocast where the device has it natively; the official code runs fp32), and
+``max_epochs`` (a cap of the 2000 iterations at this many passes over the defense data, for CPU time:
+the demo and quick presets set 25, 98 iterations on 500 images; measurements at the field).
 
 Checked against the official code (2026-11-22), on the quick preset's GTSRB BadNets models
 (resnet18 w16; backdoored CA ~97, ASR 100). At threshold 0.2 ANP keeps the backdoor on seeds 1
@@ -104,11 +100,12 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet, augment, step_generator
+from bench.official import table
 from bench.train import autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune, pruning_sweep
 from defenses.rnp import SWEEP  # the same official grid, 0..0.9 in steps of 0.05
-from defenses.select import ThresholdSelection, choose_threshold, split_holdout
+from defenses.select import ThresholdSelection, choose_threshold, selection_official, split_holdout
 
 PRINT_EVERY = 500  # the official --print-every: the window of the training accuracy it reports
 
@@ -126,7 +123,7 @@ class ANP(Defense, ThresholdSelection):
     momentum: float = param(0.9, low=0.0, high=1.0, doc="mask SGD momentum")
     batch_size: int = param(128, low=1, doc="images per iteration, drawn with replacement")
     iterations: int = param(2000, low=1, doc="mask optimisation iterations (official 2000)")
-    # Default 25 passes, a departure (0 restores the official budget; the paper preset should set it).
+    # Default 0, the official budget; the demo and quick presets cap it at 25 passes, a declared departure.
     # The official budget is fixed in iterations: 2000 x 128 draws, 512 passes over its 500 images.
     # An iteration costs three forward and two backward passes, ~2 training steps (measured here:
     # 2.0x on resnet18 w16, 2.3x on smallcnn w16), so 2000 took 405-460 s on the demo's smallcnn
@@ -137,11 +134,28 @@ class ANP(Defense, ThresholdSelection):
     #                                    vs 2000:   93.1 / 19.1, 99.9 / 92.2, 95.5 / 14.4
     #   quick (GTSRB, resnet18 w16), seed 0:         97.3 / 2.5 (98 iterations), 96.8 / 1.7 (250)
     # The iteration count did not order the outcome; the spread over seeds dominates.
-    max_epochs: float = param(25.0, low=0.0, doc="cap iterations at this many passes over the defense data; 0: no cap")
-    project_noise: bool = param(True, doc="project the perturbations into [-eps, eps] after each step (official code: no)")
+    max_epochs: float = param(0.0, low=0.0, doc="cap iterations at this many passes over the defense data; 0: no cap (official)")
+    project_noise: bool = param(False, doc="project the perturbations into [-eps, eps] after each step (official code: no)")
     # The official code optimises in fp32; ours follows the recipe's bf16 autocast where the device
     # has it natively (a CPU with AVX-512-BF16, CUDA), which moves the masks (docs/anp.md).
-    bf16: bool = param(True, doc="bf16 autocast in the mask optimisation where the recipe and device use it; false: fp32 as the official code")
+    bf16: bool = param(False, doc="bf16 autocast in the mask optimisation where the recipe and device use it; false: fp32 as the official code")
+
+    official: ClassVar[dict] = {
+        **selection_official("csdongxian/ANP_backdoor prune_neuron_cifar.py sweeps 0-0.9; the paper prunes at 0.2"),
+        **table(
+            eps=(0.4, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --anp-eps 0.4"),
+            steps=(1, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --anp-steps 1"),
+            alpha=(0.2, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --anp-alpha 0.2"),
+            lr=(0.2, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --lr 0.2"),
+            momentum=(0.9, "csdongxian/ANP_backdoor optimize_mask_cifar.py: SGD(momentum=0.9)"),
+            batch_size=(128, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --batch-size 128"),
+            iterations=(2000, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --nb-iter 2000"),
+            max_epochs=(0.0, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --nb-iter 2000, not capped"),
+            project_noise=(False, "csdongxian/ANP_backdoor optimize_mask_cifar.py: the signed noise step has no projection"),
+            bf16=(False, "csdongxian/ANP_backdoor optimize_mask_cifar.py: float32"),
+            defense_data=(0.01, "csdongxian/ANP_backdoor optimize_mask_cifar.py: --val-frac 0.01"),
+        ),
+    }
 
     def n_iterations(self, n_images: int) -> int:
         """Iterations to run on ``n_images`` defense images: ``iterations``, capped by ``max_epochs``."""

@@ -55,6 +55,9 @@ class Defense(Config):
     # Each field's official value and its source, and the official share of defense data
     # (bench.official.table); every field is in it.
     official: ClassVar[dict] = {}
+    # False for a defense that reads no clean data (none, CLP): its cells draw none, and a grid of such
+    # defenses never fails for want of it.
+    needs_data: ClassVar[bool] = True
 
     def __call__(self, model: nn.Module, clean, ctx: DefenseContext) -> DefenseResult:
         raise NotImplementedError

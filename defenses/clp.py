@@ -57,6 +57,7 @@ import torch
 from torch import fx, nn
 
 from bench.config import param
+from bench.official import table
 from bench.data import ImageSet
 from bench.registry import BenchError
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
@@ -120,8 +121,12 @@ class CLP(Defense):
     description: ClassVar[str] = "Channel Lipschitzness-based Pruning: zero BN channels with outlying conv x BN spectral norm (data-free)"
     paper: ClassVar[str] = "Zheng et al., Data-free Backdoor Removal based on Channel Lipschitzness, ECCV 2022, arXiv:2208.03111"
 
+    needs_data: ClassVar[bool] = False  # data-free: no defense images are drawn for it
+
     # A negative u would prune channels below their layer's mean: no longer outliers.
     u: float = param(3.0, low=0.0, doc="prune channels whose UCLC > mean + u x std of their layer")
+
+    official: ClassVar[dict] = table(u=(3.0, "rkteddy/channel-Lipschitzness-based-pruning test.py: --u default 3"))
 
     def scores(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]], list[str]]:
         """({bn name: UCLC per channel}, pairs, unpaired BN names); ``BenchError`` if no pair exists."""

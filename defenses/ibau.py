@@ -13,10 +13,12 @@ throughout (BatchNorm uses its running statistics and leaves them alone, dropout
 the official code, which calls ``model.eval()`` before its loop. Each of ``rounds`` rounds:
 
 1. Inner maximisation. delta, one ``[1, C, H, W]`` tensor shared by every image, starts at 0
-   and takes one SGD step per batch of one pass over the defense data on
+   and takes ``search_steps`` SGD steps, one per batch, walking the defense batches in order (again
+   from the first when it has walked them all), on
    ``-CE(f(x + delta), f(x).argmax()) + reg * ||delta||^2`` (the model's own clean predictions
-   as labels), then is scaled into the L2 ball: ``delta * min(1, pert_norm / ||delta||)``.
-2. Outer minimisation. For every batch b, one Adam step on all weights along the implicit
+   as labels), then is scaled into the L2 ball ``delta * min(1, pert_norm / ||delta||)`` (no ball
+   at the default ``pert_norm`` inf, as ``defense.py``).
+2. Outer minimisation. ``outer_steps`` times, for the next batch b, one Adam step on all weights along the implicit
    hypergradient of ``L1 = CE(f(x_b + m * delta), y_b)`` (true labels; the mask m puts delta on
    a random ``portion`` of the batch), with delta seen as the fixed point of the inner map
    ``Phi(delta, theta) = delta - inner_lr * grad_delta L2``, ``L2 = -CE(f(x_0 + delta), y_0) +
@@ -26,28 +28,21 @@ the official code, which calls ``model.eval()`` before its loop. Each of ``round
    fixed-point recurrence ``v <- (d_delta Phi)^T v + d_delta L1`` from v = 0, each a batched
    vector-Jacobian product through the double-backward graph of Phi (``torch.autograd.grad``).
 
-Defaults and their sources (official ``defense.py`` arguments unless said otherwise):
-- ``rounds`` 5 (``--n_rounds``; BackdoorBench ``n_rounds: 5``; the notebooks run 1 round).
-- ``K`` 5 (``--K``; the notebooks' ``fixed_point(..., 5, ...)``; BackdoorBench ``K: 5``).
-- ``lr`` 1e-3: the outer Adam (``--optim Adam --lr 0.001``; the notebooks' ``Adam`` at its
-  default 1e-3). BackdoorBench uses Adam at 1e-4. We follow the official value; on tiny BadNets
-  models (synthetic, smallcnn w8, 2000 training images, 500 defense images, seeds 0-2) 1e-4
-  barely moved the ASR (95 / 98 / 88 % -> 94 / 97 / 82 %) where 1e-3 gave 85 / 68 / 50 %: with
-  500 images there are 25 outer steps in all, not the official 250.
-- ``batch_size`` 100 (``--batch_size``, the notebooks' unlearning loader; BackdoorBench 256).
-- ``pert_lr`` 10: SGD on delta (``defense.py``, the CIFAR notebook, BackdoorBench; the GTSRB
-  notebook uses Adam at lr 1).
-- ``pert_norm`` 10: the notebooks' L2 projection ``min(1, 10 / ||delta||)`` (pixels in [0, 1]).
-  ``defense.py`` and BackdoorBench comment that line out (unbounded delta).
-- ``reg`` 1e-3 (the ``0.001 * ||delta||^2`` term of both delta losses); ``inner_lr`` 0.1 (the
-  step of ``hg.GradientDescent(loss_inner, 0.1)``); ``portion`` 0.01 (``loss_outer``).
+Defaults: the official ``defense.py``'s (``official`` below, with sources): 5 ``rounds``, ``K`` 5, outer
+Adam ``lr`` 1e-3 (BackdoorBench: 1e-4), ``batch_size`` 100, delta by SGD at ``pert_lr`` 10, unbounded
+(``pert_norm`` inf: ``defense.py`` and BackdoorBench comment the L2 ball out; the CIFAR notebook
+bounds it at 10), ``reg`` 1e-3, ``inner_lr`` 0.1, ``portion`` 0.01. The official loop makes one delta
+step and one outer step per batch of its 5,000 images, 50 each per round: ``search_steps`` and
+``outer_steps`` keep those 50 on any amount of defense data (on 500 images, ten walks over its 5
+batches). The outer lr is kept by the fine-tuning rule (``bench/finetune.py``): i-BAU trains its
+models with Adam, so no SGD ratio applies.
 
 Departures, all deliberate:
 - Data: the official code unlearns on 5000 clean TEST images, BackdoorBench on 5 % of the clean
-  training data; we use the defense data we are given, nothing else.
+  training data; we use the defense data we are given, nothing else (the record lists the amount).
 - Batches: the defense data is permuted once by the seeded generator and split into
   round(N / batch_size) near-equal batches (500 -> 5 x 100), fixed for the whole run like the
-  official ``images_list``; the perturbation pass walks the same batches.
+  official ``images_list``; the perturbation steps walk the same batches.
 - Perturbed images per outer batch: max(1, round(portion * B)) drawn by the seeded generator
   (official: int(portion * B) by Python's global ``random``). At B = 100 both give 1; at least
   one keeps a batch under 100 (the 64-image contract test) from plain fine-tuning.
@@ -80,6 +75,7 @@ test model, ``(d_theta Phi)^T v`` was 0.45 of the direct gradient's norm (1e-7 o
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Sequence
 
@@ -89,6 +85,8 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet
+from bench.finetune import FineTuneLR
+from bench.official import table
 from bench.train import to_input
 from defenses.rnp import batches as epoch_batches
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
@@ -175,15 +173,34 @@ class IBAU(Defense):
     paper: ClassVar[str] = ("Zeng et al., Adversarial Unlearning of Backdoors via Implicit Hypergradient, "
                             "ICLR 2022, arXiv:2110.03735")
 
-    rounds: int = param(5, low=0, doc="unlearning rounds (perturbation search + one outer pass each)")
+    rounds: int = param(5, low=0, doc="unlearning rounds (a perturbation search, then outer steps)")
     K: int = param(5, low=1, doc="fixed-point iterations of the hypergradient")
     lr: float = param(1e-3, low=0.0, doc="outer Adam learning rate")
     batch_size: int = param(100, low=1, doc="images per batch")
+    search_steps: int = param(50, low=1, doc="perturbation SGD steps per round, one batch each (official: one pass over 5,000 images, 50)")
+    outer_steps: int = param(50, low=1, doc="outer Adam steps per round, one batch each (official: one pass over 5,000 images, 50)")
     pert_lr: float = param(10.0, low=0.0, doc="SGD learning rate of the universal perturbation")
-    pert_norm: float = param(10.0, low=0.0, doc="L2 bound on the perturbation (pixels in [0, 1])")
+    pert_norm: float = param(math.inf, low=0.0, doc="L2 bound on the perturbation (pixels in [0, 1]); inf: none, as defense.py")
     reg: float = param(1e-3, low=0.0, doc="weight of ||delta||^2 in the perturbation losses")
     inner_lr: float = param(0.1, low=0.0, doc="step of the gradient-descent fixed-point map")
     portion: float = param(0.01, low=0.0, high=1.0, doc="share of each outer batch that carries the perturbation")
+
+    official: ClassVar[dict] = table(
+        rounds=(5, "YiZeng623/I-BAU defense.py: --n_rounds 5"),
+        K=(5, "YiZeng623/I-BAU defense.py: --K 5"),
+        lr=(1e-3, "YiZeng623/I-BAU defense.py: --optim Adam --lr 0.001"),
+        batch_size=(100, "YiZeng623/I-BAU defense.py: --batch_size 100"),
+        search_steps=(50, "YiZeng623/I-BAU defense.py: one delta step per batch of its 5,000 images at batch 100"),
+        outer_steps=(50, "YiZeng623/I-BAU defense.py: one outer step per batch of its 5,000 images at batch 100"),
+        pert_lr=(10.0, "YiZeng623/I-BAU defense.py: SGD(params=[batch_pert], lr=10)"),
+        pert_norm=(math.inf, "YiZeng623/I-BAU defense.py: the L2 ball line is commented out (unbounded)"),
+        reg=(1e-3, "YiZeng623/I-BAU defense.py: 0.001 * ||delta||^2 in both delta losses"),
+        inner_lr=(0.1, "YiZeng623/I-BAU defense.py: hg.GradientDescent(loss_inner, 0.1)"),
+        portion=(0.01, "YiZeng623/I-BAU defense.py loss_outer: portion = 0.01"),
+        defense_data=(0.1, "YiZeng623/I-BAU defense.py: the first 5,000 test images (a tenth of CIFAR-10's 50,000 training images)"),
+    )
+    finetune_lr: ClassVar[FineTuneLR] = FineTuneLR(
+        ("lr",), None, "i-BAU's models are trained with Adam at 0.05 (paper, appendix): no SGD ratio, the official 1e-3 kept")
 
     # ------------------------------------------------------------ the two halves of a round
     def search(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
@@ -195,7 +212,8 @@ class IBAU(Defense):
         clean_pred = predictions(model, batches) if clean_pred is None else clean_pred
         delta = torch.zeros_like(batches[0][0][:1], requires_grad=True)
         opt = torch.optim.SGD([delta], lr=self.pert_lr)
-        for (x, _), pred in zip(batches, clean_pred):
+        for step in range(self.search_steps):
+            (x, _), pred = batches[step % len(batches)], clean_pred[step % len(batches)]
             out = model(x + delta)
             loss = -F.cross_entropy(out, pred) + self.reg * delta.pow(2).sum()
             (delta.grad,) = torch.autograd.grad(loss, delta)
@@ -214,11 +232,12 @@ class IBAU(Defense):
 
     def unlearn(self, model: nn.Module, delta: Tensor, batches: list[tuple[Tensor, Tensor]],
                 opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
-        """Outer minimisation: one Adam step along the implicit hypergradient per batch."""
+        """Outer minimisation: ``outer_steps`` Adam steps along the implicit hypergradient, one batch each."""
         params = [p for g in opt.param_groups for p in g["params"]]
         x0, y0 = batches[0]
         phi = gd_map(lambda d: -F.cross_entropy(model(x0 + d), y0) + self.reg * d.pow(2).sum(), self.inner_lr)
-        for x, y in batches:
+        for step in range(self.outer_steps):
+            x, y = batches[step % len(batches)]
             k = max(1, round(self.portion * len(x)))
             mask = torch.zeros(len(x), 1, 1, 1, device=x.device)
             mask[torch.randperm(len(x), generator=gen)[:k].to(x.device)] = 1.0
@@ -243,7 +262,8 @@ class IBAU(Defense):
 
         pred = predictions(model, batches)  # labels for the next delta, and the accuracy so far
         info: dict = {"rounds": self.rounds, "K": self.K, "batches": len(batches),
-                      "outer_steps": self.rounds * len(batches), "acc_before": acc(pred)}
+                      "search_steps": self.rounds * self.search_steps, "outer_steps": self.rounds * self.outer_steps,
+                      "acc_before": acc(pred)}
         per_round = []
         with affine_batchnorm(model):
             for _ in range(self.rounds):

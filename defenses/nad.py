@@ -17,67 +17,39 @@ Two fine-tunes on the clean defense data, both through the shared trainer (``ben
    a mean over batch and positions), not the norm of their difference. The term is added through
    the trainer's extension point (:class:`AttentionDistillation`); the student is returned.
 
-Layers. ``layers`` names modules of the model (``--set nad.layers=net.layer3,net.layer4``); their
-outputs are distilled, one beta each. Empty (the default) is the automatic rule, which picks as
-many layers as there are betas (3), from a probe forward pass of one defense image:
+Layers. ``layers`` names modules of the model (``--set nad.layers=net.layer1,net.layer2``); their
+outputs are distilled, one beta each. Empty (the default) is the automatic rule, from a probe forward
+pass of one defense image. The model's stage outputs are found (residual stages named ``layer1``,
+``layer2``, ... as in our ResNet-18s, torchvision's and timm's; in any other model, each run of
+consecutive 4-D outputs of one spatial size is a stage, its last module the stage output); then
+- where the model has stages at the official maps' sizes, the input's side, its half and its quarter
+  (the official WRN-16-1's three residual groups on 32x32 CIFAR-10: 32x32, 16x16, 8x8), those are
+  taken: ``net.layer1/2/3`` of our ResNet-18s on 32x32 inputs, the first three conv stages of
+  ``smallcnn`` and ``vgg``;
+- otherwise (an ImageNet stem that halves the input twice first, as torchvision's ``resnet18``), the
+  last stages whose maps are larger than 1x1, and ``info["official_sizes"]`` is false: the official
+  betas then weigh each term by a map of another size (``area_scaled`` corrects that, below).
+Every chosen map must be larger than 1x1 (a one-position attention map normalises to 1 and carries
+no signal; BackdoorBench's PreAct-ResNet18 NAD puts its third term on the pooled 1x1 map, we do
+not). Unknown names fail in :meth:`NAD.check`, before any work.
 
-- a model with residual stages named ``layer1``, ``layer2``, ... (our ResNet-18s): the outputs
-  of the last stages whose maps are larger than 1x1, i.e. ``net.layer2/3/4`` (16x16, 8x8, 4x4 on
-  32x32 inputs). The official WRN-16-1 distils the outputs of its three residual groups (all its
-  stages, so also its last three); like there, a pre-activation network's stage output is taken
-  before its final BN-ReLU. BackdoorBench's ResNet-18 choice, layer3, layer4 and the pooled map,
-  is the one we avoid below. torchvision's and timm's ResNets (``--model torchvision:resnet18``)
-  name their stages the same way; at 32x32 their ImageNet stem leaves ``layer4`` at 1x1, so the
-  rule takes ``net.layer1/2/3`` (8x8, 4x4, 2x2).
-- any other model: module outputs are listed in the order their forward passes finish; a run of
-  consecutive 4-D outputs with the same spatial size is one stage and its last module (the
-  outermost, as a container finishes after its children) is the stage output. The last stages
-  whose maps are larger than 1x1 are taken. ``smallcnn``: ``net.12`` (16x16, end of the second
-  conv stage), ``net.19`` (8x8, end of the third), ``net.20`` (4x4, the pooled map the
-  classifier pools); ``vgg``: the last ReLU of conv stages 3, 4 and 5 (8x8, 4x4, 2x2). Any
-  other library's model (``torchvision:NAME``, ``timm:NAME``) goes by the same two rules.
-Every chosen map must be larger than 1x1: an attention map of one position normalises to 1 for
-every input and carries no signal (BackdoorBench's PreAct-ResNet18 NAD puts its third term on
-the pooled 1x1 map; we do not). Unknown names fail in :meth:`NAD.check`, before any work.
+Defaults, the official code's (``official`` below, with sources): ``betas`` (500, 1000, 1000), ``p``
+2, 20 student ``epochs``, SGD ``lr`` 0.1 with momentum 0.9, weight decay 1e-4, Nesterov, ``batch_size``
+64 (the ragged last batch kept), the lr x0.1 from epoch 2 (``utils/util.py``), on 5 % of the training
+set (the grid's defense data instead: a departure the record lists); ``teacher_epochs`` 10, the upper
+end of the README's 5-10, with the student's optimiser. ``lr`` follows the fine-tuning rule
+(``bench/finetune.py``; NAD trains its backdoored models at SGD 0.1, ``train_badnet.py``).
 
-Defaults, official code unless said otherwise:
-- ``betas`` (500, 1000, 1000): ``--beta1/2/3`` (low, middle, high layer); ``p`` 2.0: ``--p``.
-- ``epochs`` 20, ``lr`` 0.1, ``momentum`` 0.9, ``weight_decay`` 1e-4, Nesterov, ``batch_size`` 64:
-  ``config.py`` and the SGD of ``main.py``.
-- ``milestones`` (2,), x0.1: ``utils/util.py`` ``adjust_learning_rate`` keeps ``lr`` for epochs 0-1
-  and sets 0.01 from epoch 2 (0.0001 from epoch 20, never reached in 20 epochs).
-- ``teacher_epochs`` 10: the README's 5-10 epochs, upper end (also BackdoorBench's ``te_epochs``);
-  the teacher's optimiser and schedule are the student's (README: ``main.py`` with betas 0).
-
-``area_scaled`` (on by default; our addition, off gives the official loss as is). Each AT term is a
-mean over the map's positions of a unit-norm map, so for the same attention difference it scales
-as 1 / (positions). The official betas were set for WRN-16-1 on 32x32 CIFAR-10, whose group
-outputs are at full, half and quarter resolution (32x32, 16x16, 8x8). The last three stages of
-our ResNet-18s and smallcnn are at half, quarter and eighth resolution (16x16, 8x8, 4x4), so the
-official betas weigh every term 4x more than in the official run. ``area_scaled`` multiplies beta j
-by (map positions) / (input positions / 4^j), the official map's at that depth: (125, 250, 250) on
-those models, factor 1 on maps of the official sizes. Measured (BadNets; CA / ASR in %):
-- quick (GTSRB, resnet18 w16; before 97.1 / 99.9): official betas on layer2-4: CA 8.0 / ASR 0.0
-  (the first student step sends the AT terms from 0.1-2.5 to 1-30 and training never recovers);
-  area-scaled: 96.6 / 0.1; official betas on layer1-3 (the official map sizes): 91.2 / 0.1.
-  Blend (before 96.2 / 100), area-scaled: 93.9 / 0.4.
-  The cost of this departure, found on seed 2 (before 96.4 / 100): area-scaled on layer2-4 keeps
-  the backdoor (95.8 / 48.2; seeds 0 and 1: 0.2 and 0.3), while the official betas on layer1-3 (the
-  official network's map sizes, ``nad.area_scaled=false nad.layers=net.layer1,net.layer2,net.layer3``)
-  remove it (94.4 / 5.9). Teacher epochs 5 instead of 10: 95.4 / 49.6. Which rule is better over
-  more seeds is not settled; the defaults are unchanged.
-- demo (synthetic, smallcnn w16, seeds 1 and 2; before 100 / 100): official betas: 54.4 / 28.6
-  and 59.0 / 8.3; area-scaled: 100 / 0.0 and 99.9 / 0.2; official betas on the 32/16/8 maps:
-  100 / 5.3 and 99.9 / 43.2.
+``area_scaled`` (off by default, the official loss as it is): each AT term is a mean over the map's
+positions of a unit-norm map, so for the same attention difference it scales as 1 / positions;
+``area_scaled`` multiplies beta j by (map positions) / (input positions / 4^j), the official map's at
+that depth, for models whose maps are not the official sizes. Measurements on the quick and demo
+presets, official betas on the official sizes against area scaling: docs/measurements.md.
 
 Departures:
-- ``area_scaled`` (above).
 - The official schedule sets 0.01 after epoch 2 whatever ``lr`` is; ours multiplies ``lr`` by 0.1.
 - Augmentation is the dataset's (random crop, flip where the dataset flips); the official loader
   adds Cutout (1 hole of 3x3 pixels), which the shared trainer does not have.
-- The shared trainer drops the ragged last batch (500 images: 7 x 64 per epoch, reshuffled), so
-  the student makes 140 steps and the teacher 70; the official run on 5 % of CIFAR-10 (2500
-  images, ragged batch kept) makes 800 and 400.
 - The official model returns its activations; we capture them with forward hooks (any model).
 
 ``info``: ``layers``, ``map_sizes``, ``betas_effective``, ``acc_before`` / ``teacher_acc`` /
@@ -96,6 +68,8 @@ import torch
 from torch import nn
 
 from bench.config import param
+from bench.finetune import FineTuneLR
+from bench.official import ours, table
 from bench.data import ImageSet
 from bench.registry import BenchError
 from bench.train import TrainConfig, TrainExtension, accuracy, to_input, train
@@ -135,12 +109,12 @@ def probe_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[in
     return seen
 
 
-def auto_layers(model: nn.Module, x: torch.Tensor, k: int) -> list[str]:
-    """The automatic choice of ``k`` layers (module docstring): the last ``k`` stage outputs larger than 1x1."""
+def stage_outputs(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """(stage output module names in forward order, {name: spatial size}) from one probe pass of ``x``."""
     seen = probe_outputs(model, x)
-    spatial = {n: s[-2:] for n, s in seen if len(s) == 4}
+    spatial = {n: tuple(s[-2:]) for n, s in seen if len(s) == 4}
     stages = [n for n, _ in model.named_modules() if _STAGE.fullmatch(n) and n in spatial]
-    if len(stages) < k:  # not a ResNet: one stage per run of equal spatial size
+    if len(stages) < 2:  # not a ResNet: one stage per run of equal spatial size
         stages, last = [], None
         for n, s in seen:
             if len(s) != 4:
@@ -150,11 +124,26 @@ def auto_layers(model: nn.Module, x: torch.Tensor, k: int) -> list[str]:
             else:
                 stages.append(n)
             last = s[-2:]
-    stages = [n for n in stages if spatial[n][0] * spatial[n][1] > 1]
-    if len(stages) < k:
-        raise BenchError(f"nad: found only {len(stages)} feature maps larger than 1x1 ({', '.join(stages) or 'none'}) "
+    return stages, spatial
+
+
+def auto_layers(model: nn.Module, x: torch.Tensor, k: int) -> tuple[list[str], bool]:
+    """The automatic choice of ``k`` layers (module docstring) and whether they are at the official sizes."""
+    stages, spatial = stage_outputs(model, x)
+    h, w = x.shape[-2:]
+    official = []
+    for j in range(k):  # the last stage at each official size: the input's side, its half, its quarter, ...
+        at = [n for n in stages if spatial[n] == (h // 2**j, w // 2**j)]
+        if not at or h // 2**j * (w // 2**j) <= 1:
+            break
+        official.append(at[-1])
+    if len(official) == k:
+        return official, True
+    big = [n for n in stages if spatial[n][0] * spatial[n][1] > 1]
+    if len(big) < k:
+        raise BenchError(f"nad: found only {len(big)} feature maps larger than 1x1 ({', '.join(big) or 'none'}) "
                          f"for {k} betas; set nad.layers and nad.betas")
-    return stages[-k:]
+    return big[-k:], False
 
 
 class AttentionDistillation(TrainExtension):
@@ -206,7 +195,7 @@ class NAD(Defense):
 
     layers: tuple[str, ...] = param((), doc="module names whose outputs are distilled, one per beta (empty: automatic rule)")
     betas: tuple[float, ...] = param((500.0, 1000.0, 1000.0), doc="weight of each layer's attention loss, low to high layer")
-    area_scaled: bool = param(True, doc="scale beta j by (map positions) / (input positions / 4^j), the official maps' size")
+    area_scaled: bool = param(False, doc="scale beta j by (map positions) / (input positions / 4^j), the official maps' size")
     p: float = param(2.0, low=0.0, doc="attention map exponent: sum over channels of |a|^p")
     epochs: int = param(20, low=1, doc="student (distillation) epochs")
     teacher_epochs: int = param(10, low=1, doc="teacher fine-tuning epochs (README: 5-10)")
@@ -216,7 +205,26 @@ class NAD(Defense):
     momentum: float = param(0.9, low=0.0, high=1.0)
     weight_decay: float = param(1e-4, low=0.0)
     nesterov: bool = param(True, doc="Nesterov momentum (the official SGD)")
-    batch_size: int = param(64, low=1)
+    batch_size: int = param(64, low=1, doc="images per step (the ragged last batch kept)")
+
+    official: ClassVar[dict] = table(
+        layers=ours("no single value: the official code distils WRN-16-1's three group outputs; the automatic rule "
+                    "takes the stages at their sizes (module docstring)"),
+        betas=((500.0, 1000.0, 1000.0), "bboylyg/NAD config.py: --beta1 500, --beta2 1000, --beta3 1000"),
+        area_scaled=(False, "bboylyg/NAD at.py: the loss on the maps as they are"),
+        p=(2.0, "bboylyg/NAD config.py: --p 2.0"),
+        epochs=(20, "bboylyg/NAD config.py: --epochs 20"),
+        teacher_epochs=(10, "bboylyg/NAD README.md: the teacher fine-tuned 5-10 epochs (the upper end)"),
+        lr=(0.1, "bboylyg/NAD config.py: --lr 0.1"),
+        milestones=((2,), "bboylyg/NAD utils/util.py adjust_learning_rate: lr for epochs 0-1, then 0.01"),
+        gamma=(0.1, "bboylyg/NAD utils/util.py adjust_learning_rate: 0.1 -> 0.01"),
+        momentum=(0.9, "bboylyg/NAD config.py: --momentum 0.9"),
+        weight_decay=(1e-4, "bboylyg/NAD config.py: --weight_decay 1e-4"),
+        nesterov=(True, "bboylyg/NAD main.py: SGD(..., nesterov=True)"),
+        batch_size=(64, "bboylyg/NAD config.py: --batch_size 64"),
+        defense_data=(0.05, "bboylyg/NAD config.py: --ratio 0.05"),
+    )
+    finetune_lr: ClassVar[FineTuneLR] = FineTuneLR(("lr",), 0.1, "bboylyg/NAD trains its backdoored models at SGD lr 0.1 (train_badnet.py, config.py)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -241,7 +249,7 @@ class NAD(Defense):
         """The layers to distil (checked, or chosen by the automatic rule) for inputs like ``x``."""
         self.check(model)
         if not self.layers:
-            return auto_layers(model, x, len(self.betas))
+            return auto_layers(model, x, len(self.betas))[0]
         shapes = dict(probe_outputs(model, x))
         for name in self.layers:
             s = shapes.get(name)
@@ -271,18 +279,21 @@ class NAD(Defense):
         data = clean.to(ctx.device)
         layers = self.choose_layers(model, to_input(data.x[:1]))
         sizes = {n: tuple(s[-2:]) for n, s in probe_outputs(model, to_input(data.x[:1])) if n in layers}
+        h, w = data.x.shape[-2:]
+        at_official = all(sizes[n] == (h // 2**j, w // 2**j) for j, n in enumerate(layers))
         betas = self.effective_betas([sizes[n] for n in layers], tuple(data.x.shape[-2:]))
         acc_before = accuracy(model, data, device=ctx.device, bf16=ctx.bf16)
         teacher = copy.deepcopy(model)
         train(teacher, data, self.recipe(self.teacher_epochs, ctx), ctx.augmentation, seed=ctx.seed, device=ctx.device,
-              progress=ctx.progress, desc="nad teacher")
+              progress=ctx.progress, desc="nad teacher", keep_ragged=True)
         distil = AttentionDistillation(teacher, layers, betas, self.p)
         stats = train(model, data, self.recipe(self.epochs, ctx), ctx.augmentation, seed=ctx.seed + 1, device=ctx.device,
-                      extensions=[distil], progress=ctx.progress, desc="nad student")
+                      extensions=[distil], progress=ctx.progress, desc="nad student", keep_ragged=True)
         model.eval()
         info = {
             "layers": layers,
             "map_sizes": [list(sizes[n]) for n in layers],
+            "official_sizes": at_official,
             "betas_effective": betas,
             "acc_before": acc_before,
             "teacher_acc": accuracy(teacher, data, device=ctx.device, bf16=ctx.bf16),

@@ -19,6 +19,8 @@ from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 class NoDefense(Defense):
     description: ClassVar[str] = "no defense: the backdoored model unchanged (baseline)"
     paper: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+    official: ClassVar[dict] = {}
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         return DefenseResult(model=model, info={})

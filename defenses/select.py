@@ -53,6 +53,7 @@ from torch import nn
 
 from bench.config import Config, param
 from bench.data import ImageSet
+from bench.official import ours, table
 from bench.registry import BenchError
 from bench.train import accuracy, true_class_probability
 
@@ -78,6 +79,18 @@ class ThresholdSelection(Config):
         if self.select == "auto" and self.holdout <= 0:
             name = getattr(type(self), "name", type(self).__name__)
             raise BenchError(f"{name}.select=auto needs {name}.holdout > 0 (the held-out share of the defense data)")
+
+
+def selection_official(threshold_source: str) -> dict:
+    """The official entries of ``ThresholdSelection``'s fields for a method whose official code prunes at a
+    fixed threshold (``threshold_source``: where its 0.2 comes from); select=auto's settings are ours."""
+    return table(
+        threshold=(0.2, threshold_source),
+        select=("fixed", "the official code prunes at a fixed threshold (select=auto, from held-out defense data, is ours)"),
+        holdout=ours("select=auto only: the held-out share of the defense data (ours)"),
+        max_acc_drop=ours("select=auto only: the allowed held-out drop (ours; evidence in defenses/select.py)"),
+        select_measure=ours("select=auto only: the held-out measure (ours)"),
+    )
 
 
 def split_holdout(data: ImageSet, fraction: float, gen: torch.Generator, who: str) -> tuple[ImageSet, ImageSet]:

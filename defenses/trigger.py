@@ -38,22 +38,22 @@ Defaults (``TriggerSearch``), and where they come from:
   also use 2). ``visualizer.py``'s class default reads ``1.5,`` (a one-element tuple that would
   fail at ``** 1.5``), so it is never the value used. Down-steps divide by ``2 ** 1.5``.
 - Random uniform initial mask and pattern, no augmentation of the clean images: the GTSRB driver.
-- ``epochs`` and ``batches_per_epoch``: the driver runs up to ``STEPS = 1000`` epochs of
-  ``1000 // 32 = 31`` mini-batches (early stop usually ends it sooner); BackdoorBench runs 10
-  (GTSRB) to 80 (CIFAR-10) epochs over its whole clean training set. That is far beyond a CPU
-  benchmark cell, so the defaults here are short (see ``defenses/nc.py`` for the measured budget).
+- ``epochs`` 1000 and ``batches_per_epoch`` 31: the driver's ``STEPS = 1000`` epochs of
+  ``NB_SAMPLE // BATCH_SIZE = 1000 // 32 = 31`` mini-batches, ended early per label by the early stop.
+- ``reset_cost_to_zero`` on: the cost starts at 0 and is set to ``init_cost`` once the trigger has
+  reached ``success_threshold`` for ``patience`` epochs in a row (``visualizer.py``'s class default
+  ``RESET_COST_TO_ZERO = True``, which the driver keeps). Off, the cost starts at ``init_cost``, as
+  BackdoorBench's NC does.
 
-Departures, deliberate:
-- The cost starts at ``init_cost``. The official optimiser starts it at 0 and sets ``init_cost``
-  only after ``patience`` successful epochs (``RESET_COST_TO_ZERO``); BackdoorBench starts at
-  ``init_cost`` as we do. With a short epoch budget the zero-cost phase would spend most of it.
-- Mini-batches are drawn from reshuffled passes over the clean data without a ragged last batch.
+Departures: mini-batches are drawn from reshuffled passes over the clean data without a ragged last
+batch (the official generator cycles through its whole test set). A preset may shorten the budget
+(``epochs``, ``batches_per_epoch``); the record lists it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ from torch import nn
 
 from bench.config import Config, param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 from bench.train import autocast
 
@@ -72,8 +73,8 @@ ADAM_EPS = 1e-7  # Keras' default epsilon (K.epsilon())
 class TriggerSearch(Config):
     """Hyperparameters of the trigger optimiser (official Neural Cleanse values, see the module doc)."""
 
-    epochs: int = param(10, low=1, doc="most optimisation epochs per label (official GTSRB: 1000, with early stop)")
-    batches_per_epoch: int = param(0, low=0, doc="mini-batches per epoch, after which cost, best mask and early stop update; 0: one pass over the clean data (official: 31, one pass over its 1,000 samples)")
+    epochs: int = param(1000, low=1, doc="most optimisation epochs per label (official GTSRB driver: 1000, with early stop)")
+    batches_per_epoch: int = param(31, low=0, doc="mini-batches per epoch, after which cost, best mask and early stop update; 0: one pass over the clean data (official: 31)")
     batch_size: int = param(32, low=1, doc="clean images per label and mini-batch (official 32)")
     lr: float = param(0.1, low=0.0, doc="Adam learning rate on the tanh-space mask and pattern (official 0.1)")
     init_cost: float = param(1e-3, low=0.0, doc="initial weight of the mask's L1 norm in the loss (official 1e-3)")
@@ -82,6 +83,21 @@ class TriggerSearch(Config):
     cost_multiplier: float = param(2.0, low=1.0, doc="cost x this after success, / this**1.5 after failure (official GTSRB 2)")
     early_stop_threshold: float = param(1.0, low=0.0, high=1.0, doc="best L1 counts as improved only below this x the earlier best (official GTSRB 1.0)")
     early_stop_patience: int = param(25, low=1, doc="epochs without improvement before a label stops (official 25)")
+    reset_cost_to_zero: bool = param(True, doc="start the cost at 0 and set init_cost after patience successful epochs (official); false: start at init_cost")
+
+    official: ClassVar[dict] = table(
+        epochs=(1000, "bolunwang/backdoor gtsrb_visualize_example.py: STEPS = 1000"),
+        batches_per_epoch=(31, "bolunwang/backdoor gtsrb_visualize_example.py: MINI_BATCH = NB_SAMPLE // BATCH_SIZE = 1000 // 32"),
+        batch_size=(32, "bolunwang/backdoor gtsrb_visualize_example.py: BATCH_SIZE = 32"),
+        lr=(0.1, "bolunwang/backdoor gtsrb_visualize_example.py: LR = 0.1"),
+        init_cost=(1e-3, "bolunwang/backdoor gtsrb_visualize_example.py: INIT_COST = 1e-3"),
+        success_threshold=(0.99, "bolunwang/backdoor gtsrb_visualize_example.py: ATTACK_SUCC_THRESHOLD = 0.99"),
+        patience=(5, "bolunwang/backdoor gtsrb_visualize_example.py: PATIENCE = 5"),
+        cost_multiplier=(2.0, "bolunwang/backdoor gtsrb_visualize_example.py: COST_MULTIPLIER = 2"),
+        early_stop_threshold=(1.0, "bolunwang/backdoor gtsrb_visualize_example.py: EARLY_STOP_THRESHOLD = 1.0"),
+        early_stop_patience=(25, "bolunwang/backdoor gtsrb_visualize_example.py: EARLY_STOP_PATIENCE = 5 * PATIENCE"),
+        reset_cost_to_zero=(True, "bolunwang/backdoor visualizer.py: RESET_COST_TO_ZERO = True (the driver keeps it)"),
+    )
 
 
 @dataclass
@@ -146,6 +162,7 @@ class _Label:
     success: float = 0.0
     epochs: int = 0
     done: bool = False
+    set_count: int = 0  # successful epochs at cost 0 (reset_cost_to_zero)
 
     def end_epoch(self, s: TriggerSearch, acc: float, reg: float, mask: torch.Tensor, pattern: torch.Tensor) -> None:
         """The official per-epoch update: best mask, early stop, then the cost."""
@@ -158,6 +175,12 @@ class _Label:
         if self.up_flag and self.down_flag and self.es_count >= s.early_stop_patience:
             self.done = True
             return
+        if self.cost == 0 and acc >= s.success_threshold:  # the zero-cost start: init_cost after patience successes
+            self.set_count += 1
+            if self.set_count >= s.patience:
+                self.cost, self.up, self.down, self.up_flag, self.down_flag = s.init_cost, 0, 0, False, False
+        else:
+            self.set_count = 0
         self.up, self.down = (self.up + 1, 0) if acc >= s.success_threshold else (0, self.down + 1)
         if self.up >= s.patience:
             self.up, self.cost, self.up_flag = 0, self.cost * s.cost_multiplier, True
@@ -214,7 +237,7 @@ def reverse_triggers(
     pat_v = start[:, 1:].clone().requires_grad_(True)
     opt = torch.optim.Adam([mask_v, pat_v], lr=search.lr, betas=BETAS, eps=ADAM_EPS)
     target = torch.as_tensor(list(labels), dtype=torch.long, device=device)
-    state = [_Label(cost=search.init_cost) for _ in labels]
+    state = [_Label(cost=0.0 if search.reset_cost_to_zero else search.init_cost) for _ in labels]
     stream = _batches(len(data), search.batch_size, gen)
     per_epoch = search.batches_per_epoch or max(1, len(data) // search.batch_size)
     was_training, steps = model.training, 0

@@ -3,8 +3,10 @@
 Paper: Bryant Chen et al., "Detecting Backdoor Attacks on Deep Neural Networks by Activation
 Clustering", AAAI SafeAI workshop 2019, arXiv:1811.03728. The method as IBM ART's
 ``ActivationDefence`` runs it (``art/defences/detector/poison/activation_defence.py``, ART 1.20.1,
-commit 23539e2), which BackdoorBench wraps (``defense/AC/ac.py``; ``config/defense/ac/config.yaml``:
-``nb_dims`` 10, ``nb_clusters`` 2, ``cluster_analysis`` "smaller"):
+commit 23539e2; taken as the official code: ART is IBM's, as are the paper's authors), whose
+functions BackdoorBench copies into ``defense/ac.py`` (``config/defense/ac/config.yaml``:
+``nb_dims`` 10, ``nb_clusters`` 2, ``cluster_analysis`` "smaller"). Every default is ART's value
+(``official`` below, with sources):
 
 - For every label separately, the last hidden layer's activations of its images are reduced to
   ``nb_dims`` dimensions by scikit-learn's ``PCA(n_components=nb_dims)``: ``ActivationDefence``
@@ -51,6 +53,7 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 from defenses.base import DefenseContext
 from detectors.base import DETECTORS, Detection, Detector, features, input_labels
@@ -88,6 +91,17 @@ class ActivationClustering(Detector):
     reduce: Literal["PCA", "FastICA"] = param("PCA", doc="dimension reduction (ART's ActivationDefence: PCA)")
     size_threshold: float = param(0.35, low=0.0, high=1.0, doc="info['flagged']: a smaller cluster below this share of its label (ART relative-size 0.35)")
     n_init: int = param(10, low=1, doc="k-means starts, best inertia kept (scikit-learn's default before 1.4, which ART relies on)")
+
+    official: ClassVar[dict] = table(
+        nb_dims=(10, "ART art/defences/detector/poison/activation_defence.py: ActivationDefence nb_dims = 10 "
+                     "(BackdoorBench config/defense/ac/config.yaml: nb_dims 10)"),
+        reduce=("PCA", "ART art/defences/detector/poison/activation_defence.py: ActivationDefence reduce = 'PCA' "
+                       "(BackdoorBench defense/ac.py: reduce='PCA')"),
+        size_threshold=(0.35, "ART art/defences/detector/poison/clustering_analyzer.py: analyze_by_relative_size "
+                              "size_threshold 0.35 (BackdoorBench defense/ac.py's copy: 0.35)"),
+        n_init=(10, "ART art/defences/detector/poison/activation_defence.py: cluster_activations KMeans(n_clusters) "
+                    "with scikit-learn's n_init, 10 before scikit-learn 1.4"),
+    )
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:

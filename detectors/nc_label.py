@@ -3,8 +3,10 @@
 Paper: Bolun Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in
 Neural Networks", IEEE S&P 2019; official code github.com/bolunwang/backdoor
 (``mad_outlier_detection.py``). Steps 1 and 2 of the ``nc`` defense (``defenses/nc.py``), with
-its settings: reverse-engineer a trigger for every label with the shared optimiser, then the
-MAD anomaly index of each mask's L1 norm.
+its settings and its table of official values (``NeuralCleanse.official``; the grid gives this
+detector the ``nc`` preset fields and ``--set nc.*`` first): reverse-engineer a trigger for every
+label with the shared optimiser, then the MAD anomaly index of each mask's L1 norm. The defense's
+unlearning fields are inherited and unused here.
 
 - Label: the label with the smallest reversed-trigger norm, NC's candidate target (the label
   the paper's outlier test examines first), whether or not the test flags it, as ``rnp_label``
@@ -27,6 +29,7 @@ from typing import ClassVar
 from torch import nn
 
 from bench.data import ImageSet
+from bench.official import extend
 from defenses.base import DefenseContext
 from defenses.nc import NeuralCleanse, anomaly_indices, flag_labels
 from detectors.base import DETECTORS, Detection, Detector
@@ -43,6 +46,8 @@ class NCLabel(NeuralCleanse, Detector):
                             "IEEE S&P 2019")
     level: ClassVar[str] = "model"
     settings_from: ClassVar[str | None] = "nc"
+    # The official label detection is the nc defense's search and outlier test: its values, nothing of our own.
+    official: ClassVar[dict] = extend(NeuralCleanse.official)
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> Detection:
         model = model.to(ctx.device).eval()

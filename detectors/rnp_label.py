@@ -25,7 +25,8 @@ clean models needed 56 of 60 steps or never reached the threshold, the implanted
 Over seeds 0-2 (36 models): AUROC 0.97 on implanted models against 0.73 for the share; slow
 clean-label models (SIG seed 2 never reached the threshold) are the misses.
 
-Settings: the ``rnp`` defense's fields and defaults (this class inherits them), and the grid
+Settings: the ``rnp`` defense's fields, defaults and table of official values (this class
+inherits them; the official code has no detection, so nothing differs for it), and the grid
 gives it the ``rnp`` preset fields and ``--set rnp.*`` first (``settings_from``), so the
 detector unlearns as the removal run beside it does. Only stage 1 runs: no recovering, no
 pruning. With ``select=auto`` the held-out share is set aside as in the defense, so the
@@ -47,6 +48,7 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import extend, ours
 from defenses.base import DefenseContext
 from defenses.rnp import RNP
 from detectors.base import DETECTORS, Detection, Detector
@@ -78,6 +80,12 @@ class RNPLabel(RNP, Detector):
 
     backdoor_score: Literal["speed", "share"] = param(
         "speed", doc="is-it-backdoored score: unlearning speed (1 - steps/budget), or the detected label's share (ours)")
+
+    official: ClassVar[dict] = extend(
+        RNP.official,
+        backdoor_score=ours("the paper detects the label only and bboylyg/RNP has no detection code: "
+                            "a score of whether the model is backdoored is ours (module docstring)"),
+    )
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> Detection:
         _, label, info = unlearned_label(self, model, clean, ctx)

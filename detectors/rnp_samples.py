@@ -18,6 +18,8 @@ for many images and then ties; the margin keeps ranking them):
   whose poisoned images keep their true label.
 Which one the tables use was chosen by measurement (README, detection section).
 
+Settings: the ``rnp`` defense's fields, defaults and table of official values, as ``rnp_label``.
+
 ``info``: the unlearning facts as ``rnp_label`` records them, and ``signal``.
 """
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import extend, ours
 from bench.registry import BenchError
 from defenses.base import DefenseContext
 from defenses.rnp import RNP
@@ -54,7 +57,13 @@ class RNPSamples(RNP, Detector):
     level: ClassVar[str] = "sample"
     settings_from: ClassVar[str | None] = "rnp"
 
-    signal: Literal["unlearned", "target"] = param("unlearned", doc="score: unlearned model's probability of the given label, or of its most predicted label")
+    signal: Literal["unlearned", "target"] = param("unlearned", doc="score: unlearned model's logit margin of the given label, or of its most predicted label")
+
+    official: ClassVar[dict] = extend(
+        RNP.official,
+        signal=ours("the paper only says the unlearned model serves sample detection and bboylyg/RNP has no "
+                    "detection code: the score is ours (module docstring)"),
+    )
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:

@@ -12,7 +12,9 @@ Procedure:
 2. Reverse-engineer one trigger for that label only with the project's one trigger optimiser
    (``defenses.trigger.reverse_triggers``, Neural Cleanse's, with this detector's
    ``TriggerSearch`` fields), against the unlearned model ("guided by the unlearned model";
-   the ``unlearned_`` tensors).
+   the ``unlearned_`` tensors). RNP's official code has no trigger recovery, so the search's
+   official values are Neural Cleanse's (``TriggerSearch.official``), its batch size included
+   (``trigger_batch_size``: ``batch_size`` is RNP's unlearning batch size here).
 3. ``refine=true`` (default; ours): the same search, same budget, against the backdoored model,
    starting from step 2's trigger instead of a random one. Its trigger is the answer.
    ``refine=false``: step 2's trigger is the answer (the paper's wording, read literally).
@@ -67,6 +69,7 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import Official, extend, official_table, ours
 from defenses.base import DefenseContext
 from defenses.rnp import RNP
 from defenses.trigger import TriggerSearch, reverse_triggers
@@ -89,6 +92,18 @@ class RNPTrigger(RNP, TriggerSearch, Detector):
 
     refine: bool = param(True, doc="search the backdoored model from the unlearned model's trigger (ours); "
                                    "false: the unlearned model's trigger is the answer")
+
+    # RNP's table, then the search's (Neural Cleanse's official values) for every search field but
+    # batch_size, which is RNP's here; the search's own batch size is trigger_batch_size.
+    official: ClassVar[dict] = extend(
+        RNP.official,
+        **{name: Official(off.value, f"{off.source} (NC's search: bboylyg/RNP has no trigger recovery)")
+           for name, off in official_table(TriggerSearch).items() if name != "batch_size"},
+        trigger_batch_size=(32, "bolunwang/backdoor gtsrb_visualize_example.py: BATCH_SIZE = 32 "
+                                "(NC's search: bboylyg/RNP has no trigger recovery)"),
+        refine=ours("the paper guides the trigger search with the unlearned model; refining its trigger on the "
+                    "backdoored model is our addition, measured in the module docstring"),
+    )
 
     def search(self, model: nn.Module, data: ImageSet, label: int, ctx: DefenseContext, *, epochs: int | None = None,
                init: tuple[torch.Tensor, torch.Tensor] | None = None):

@@ -1,15 +1,16 @@
 """Spectral Signatures (sample level).
 
 Paper: Brandon Tran, Jerry Li, Aleksander Madry, "Spectral Signatures in Backdoor Attacks",
-NeurIPS 2018, arXiv:1811.00636 (official code: MadryLab/backdoor_data_poisoning). Settings
-checked against BackdoorBench ``defense/spectral.py`` and ``config/defense/spectral/config.yaml``.
+NeurIPS 2018, arXiv:1811.00636; official code MadryLab/backdoor_data_poisoning
+(``compute_corr.py``, ``config.json``). Also checked against BackdoorBench ``defense/spectral.py``
+and ``config/defense/spectral/config.yaml``.
 
 For every label separately: take the learned representations of the images carrying that label,
 centre them, find the top right singular vector, and score each image by the magnitude of its
 centred representation's projection on it. Poisoned images of a label share a direction the
-clean ones lack, so they score high. The method then removes the top scorers of each label:
-``percentile`` 85 in BackdoorBench (the images above the 85th percentile of their label), 1.5 x
-the expected poison count in the paper.
+clean ones lack, so they score high. The method then removes the images above the
+``percentile``-th percentile of the scores: 85 in the official code (``config.json``) and in
+BackdoorBench; the paper removes 1.5 x the expected poison count.
 
 Here the answer is the score itself (the harness computes AUROC, TPR at 5 % FPR and precision at
 the true poison count); ``info["flagged"]`` counts what the percentile rule would remove.
@@ -18,11 +19,13 @@ Departures, with reasons:
   any classifier works; BackdoorBench hooks model-specific blocks (ResNet's ``layer4`` before
   pooling).
 - Every label is examined (on inputs without labels, the test-time mix, the model's predicted
-  labels take their place: ``detectors.base.input_labels``). BackdoorBench's config passes the
-  attack's target label when known (``target_label``), which a fair detector is never given.
+  labels take their place: ``detectors.base.input_labels``). The official code examines the
+  attack's target label only, and BackdoorBench's config passes it when known (``target_label``):
+  a fair detector is never given it.
 - Scores are divided by their label's median score, so that labels of different spread rank on one
-  scale (the paper ranks within a label only). BackdoorBench projects the uncentred
-  representations; the paper and we project the centred ones.
+  scale (the paper ranks within a label only). The official code and BackdoorBench project the
+  uncentred representations on the direction found from the centred ones; the paper and we
+  project the centred ones.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 from bench.config import param
 from bench.data import ImageSet
+from bench.official import table
 from bench.registry import BenchError
 from defenses.base import DefenseContext
 from detectors.base import DETECTORS, Detection, Detector, features, input_labels
@@ -63,7 +67,12 @@ class SpectralSignatures(Detector):
     paper: ClassVar[str] = "Tran, Li & Madry, Spectral Signatures in Backdoor Attacks, NeurIPS 2018, arXiv:1811.00636"
     level: ClassVar[str] = "sample"
 
-    percentile: float = param(85.0, low=0.0, high=100.0, doc="flag images above this percentile of their label (BackdoorBench 85)")
+    percentile: float = param(85.0, low=0.0, high=100.0, doc="flag images above this percentile of their label (official 85)")
+
+    official: ClassVar[dict] = table(
+        percentile=(85.0, "MadryLab/backdoor_data_poisoning config.json: data.percentile 85 "
+                          "(BackdoorBench config/defense/spectral/config.yaml: percentile 85)"),
+    )
 
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext, inputs: ImageSet | None = None) -> Detection:
         if inputs is None:

@@ -68,6 +68,7 @@ def awp(reference, data, seed=0, **kw):
 def test_awp_defaults_and_bad_bound():
     atk = ATTACKS.get("awp")()
     assert (atk.eps, atk.lr, atk.epochs, atk.weight_reg, atk.patch_size, atk.poison_rate) == (0.005, 1e-3, 10, 5e-4, 10, 0.0256)
+    assert (atk.target, atk.label_mode) == (1, "all2one")
     assert atk.needs_clean_model and atk.weight_attack
     for bad in (0.0, -0.01):
         with pytest.raises(BenchError, match="awp.eps") as e:
@@ -78,7 +79,7 @@ def test_awp_defaults_and_bad_bound():
 def test_awp_stays_in_the_bound_and_implants(clean_model):
     reference, data = clean_model
     before = {k: v.clone() for k, v in reference.state_dict().items()}
-    atk = awp(reference, data, eps=0.02)
+    atk = awp(reference, data, eps=0.02, target=0)  # class 0, as this toy check was sized (the default is the official 1)
     asr0 = asr(reference, atk, data)
     model, stats = perturbed_copy(atk, reference, data, seed=0)
     # the reference is untouched; every parameter moved by at most eps; buffers (BatchNorm statistics) unchanged
@@ -134,9 +135,13 @@ def g_weights(atk) -> dict:
 
 def test_lira_defaults_and_bad_eps():
     atk = ATTACKS.get("lira")()
-    assert (atk.eps, atk.alpha, atk.lr_atk, atk.poison_rate, atk.target, atk.label_mode) == (0.1, 0.5, 1e-4, 1.0, 0, "all2one")
+    assert (atk.eps, atk.alpha, atk.lr_atk, atk.poison_rate) == (0.01, 0.5, 1e-4, 1.0)
+    assert (atk.target, atk.label_mode) == (0, "all2one")
+    assert (atk.gen_width, atk.lookahead) == (64, True)
     assert atk.learned_trigger
-    assert [atk.stage1_epochs_for(e) for e in (1, 4, 10, 300)] == [1, 1, 2, 50]
+    assert [atk.stage1_epochs_for(e) for e in (1, 4, 10, 60, 300)] == [1, 4, 10, 50, 50], "the official 50, run-capped"
+    scaled = ATTACKS.get("lira")(stage1_epochs=0)
+    assert [scaled.stage1_epochs_for(e) for e in (1, 4, 10, 300)] == [1, 1, 2, 50]
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(BenchError, match="lira.eps") as e:
             ATTACKS.get("lira")(eps=bad)

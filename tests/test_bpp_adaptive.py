@@ -106,7 +106,7 @@ def test_bpp_dither_keeps_the_mean_colour():
 
 def test_bpp_batch_counts():
     gen = torch.Generator().manual_seed(0)
-    assert prepared("bpp")[0].batch_counts(128, gen) == (12, 12)
+    assert prepared("bpp", poison_rate=0.1, neg_ratio=0.1)[0].batch_counts(128, gen) == (12, 12)
     assert prepared("bpp", poison_rate=0.2, neg_ratio=0.2)[0].batch_counts(128, gen) == (25, 25)
     assert prepared("bpp", poison_rate=0.29, neg_ratio=0.0)[0].batch_counts(100, gen) == (29, 0)
     # below one image per batch: one with probability bs * pc (BackdoorBench)
@@ -118,7 +118,7 @@ def test_bpp_batch_counts():
 @pytest.mark.parametrize("dithering", [False, True])
 @pytest.mark.parametrize("label_mode", ["all2one", "all2all"])
 def test_bpp_hook(label_mode, dithering):
-    atk, _ = prepared("bpp", label_mode=label_mode, dithering=dithering, target=0)
+    atk, _ = prepared("bpp", label_mode=label_mode, dithering=dithering, target=0, poison_rate=0.1, neg_ratio=0.1)
     hook = atk.train_extension().batch
     bs = 128
     x = random_set(bs, seed=5).x
@@ -148,7 +148,7 @@ def test_bpp_hook(label_mode, dithering):
 def test_bpp_hook_relabels_target_class_too():
     atk, train = prepared("bpp", target=0)
     xo, yo = atk.train_extension().batch(train.x, train.y, torch.Generator().manual_seed(0))
-    nb = int(len(train.y) * 0.1)
+    nb = int(len(train.y) * atk.poison_rate)
     assert (yo[:nb] == 0).all() and torch.equal(yo[nb:], train.y[nb:])
 
 

@@ -169,7 +169,7 @@ def _put(path: Path, data: bytes) -> Path:
     (lambda t, p: _put(p / "txt.safetensors", b"hello"), "checkpoint txt.safetensors is not a readable safetensors file"),
     (lambda t, p: torch.save({"epoch": 3, "lr": 0.1}, p / "empty.pt") or p / "empty.pt", "checkpoint empty.pt holds no tensors"),
     (lambda t, p: save_file({"conv.weight": torch.zeros(2, 3, 3, 3)}, str(p / "other.safetensors")) or p / "other.safetensors",
-     "checkpoint other.safetensors does not fit --model smallcnn: 38 missing (0.weight, 1.weight, 1.bias, ...); 1 unexpected (conv.weight)"),
+     "checkpoint other.safetensors does not fit --model smallcnn: 32 missing (0.weight, 1.weight, 1.bias, ...); 1 unexpected (conv.weight)"),
 ])
 def test_bad_checkpoints_fail_on_one_line_before_any_work(trained, tmp_path, make, message):
     path = make(trained, tmp_path)
@@ -208,6 +208,239 @@ def test_normalize_is_applied_and_checked(trained, tmp_path):
     net = tiny_net((0.1,) * 3, (0.2,) * 3)
     load_into(net, ckpt, 10, "synthetic", "smallcnn")
     assert torch.equal(net.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(net.std.flatten(), torch.full((3,), 0.25))
+
+
+# ---------------------------------------------------------------- the fit is PyTorch's: load_state_dict(strict=True)
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+NBT = "num_batches_tracked"
+
+
+def fresh(name: str) -> torch.nn.Module:
+    """A model of the grid as a cell builds it before loading: width 4, 10 classes, 3x32x32, seed 0."""
+    return MODELS.get(name)(width=4).build(10, 3, MEAN, STD, seed=0)
+
+
+def source(name: str) -> torch.nn.Module:
+    """The network someone trained: another seed, and one training-mode pass (BatchNorm's statistics and
+    counters moved)."""
+    model = MODELS.get(name)(width=4).build(10, 3, MEAN, STD, seed=1)
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    return model.net
+
+
+def without_nbt(sd):
+    """The state dict without BatchNorm's counters, keeping its version metadata."""
+    out = type(sd)((k, v) for k, v in sd.items() if not k.endswith(NBT))
+    if hasattr(sd, "_metadata"):
+        out._metadata = sd._metadata
+    return out
+
+
+def bn_version_1(net, sd):
+    """As saved by a PyTorch whose BatchNorm had no counter yet: version 1 in the metadata, no num_batches_tracked."""
+    out = without_nbt(sd)
+    bns = {n for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    out._metadata = type(sd._metadata)((k, {**v, "version": 1} if k in bns else v) for k, v in sd._metadata.items())
+    return out
+
+
+def nbt_as_vector(sd):
+    """0-d buffers stored as one-element vectors (PyTorch 0.3's way; converters do it too)."""
+    out = type(sd)((k, v.reshape(1) if v.dim() == 0 else v) for k, v in sd.items())
+    out._metadata = sd._metadata
+    return out
+
+
+def as_dtype(sd, dtype):
+    out = type(sd)((k, v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items())
+    out._metadata = sd._metadata
+    return out
+
+
+def non_contiguous(sd):
+    """Every weight of two or more dimensions a transposed view (torch.save keeps the strides)."""
+    out = type(sd)((k, v.transpose(0, 1).contiguous().transpose(0, 1) if v.dim() >= 2 else v) for k, v in sd.items())
+    out._metadata = sd._metadata
+    assert any(not v.is_contiguous() for v in out.values())
+    return out
+
+
+def data_parallel_v1(net, sd):
+    """DataParallel's state dict (``module.`` keys and metadata) from an older PyTorch, saved under state_dict."""
+    dp = torch.nn.DataParallel(net)
+    return {"state_dict": bn_version_1(dp, dp.state_dict()), "epoch": 7}
+
+
+# (id, suffix, what is saved): each a checkpoint that PyTorch's load_state_dict(strict=True) takes
+ACCEPTED = [
+    ("as-saved", ".safetensors", lambda net, sd: sd),
+    ("as-saved", ".pt", lambda net, sd: sd),
+    ("fp16", ".safetensors", lambda net, sd: as_dtype(sd, torch.float16)),
+    ("bf16", ".pt", lambda net, sd: as_dtype(sd, torch.bfloat16)),
+    ("non-contiguous", ".pt", lambda net, sd: non_contiguous(sd)),
+    # refused before: PyTorch fills BatchNorm's num_batches_tracked where the metadata does not say version 2
+    ("no-nbt", ".safetensors", lambda net, sd: without_nbt(sd)),
+    ("no-nbt-no-metadata", ".pt", lambda net, sd: dict(without_nbt(sd))),
+    ("no-nbt-bn-version-1", ".pt", bn_version_1),
+    ("data-parallel-no-nbt-bn-version-1", ".pt", data_parallel_v1),
+    # refused before: a 0-d buffer given as a one-element vector
+    ("nbt-as-vector", ".safetensors", lambda net, sd: nbt_as_vector(sd)),
+    ("nbt-as-vector", ".pt", lambda net, sd: nbt_as_vector(sd)),
+]
+
+
+def save(obj, path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        save_file(dict(obj), str(path))
+    else:
+        torch.save(obj, path)
+    return path
+
+
+def pytorch_reads(path: Path) -> dict:
+    """What a PyTorch user loads from the file: safetensors' load_file, or torch.load's state dict (under
+    state_dict if there, DataParallel's module. prefix consumed)."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    obj = torch.load(path, weights_only=True)
+    sd = obj.get("state_dict", obj)
+    torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(sd, "module.")
+    return sd
+
+
+def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("model", ["smallcnn", "resnet18"])
+@pytest.mark.parametrize("case, suffix, make", ACCEPTED, ids=[f"{c}{s}" for c, s, _ in ACCEPTED])
+def test_what_pytorch_loads_strictly_loads_here(tmp_path, model, case, suffix, make):
+    """load_into takes every checkpoint that load_state_dict(strict=True) takes for the architecture, and
+    the model it gives is the one PyTorch gives: the same state dict, the same outputs."""
+    from bench.checkpoint import Checkpoint, load_into
+
+    net = source(model)
+    path = save(make(net, net.state_dict()), tmp_path / f"{case}{suffix}")
+    reference = fresh(model)
+    reference.net.load_state_dict(pytorch_reads(path), strict=True)
+    loaded = fresh(model)
+    load_into(loaded, Checkpoint.open(path), 10, "synthetic", model)
+    assert_same_model(loaded, reference)
+    x = torch.rand(4, 3, 32, 32)
+    assert not torch.equal(loaded(x), fresh(model).eval()(x)), "the checkpoint's weights are in"
+
+
+def drop_first_weight(net, sd):
+    return {k: v for k, v in sd.items() if k != next(iter(sd))}
+
+
+def add_key(net, sd):
+    return {**sd, "extra.weight": torch.zeros(3)}
+
+
+def first_running_var_as_row(net, sd):
+    key = next(k for k in sd if k.endswith("running_var"))
+    return {**sd, key: sd[key].reshape(1, -1)}
+
+
+# (id, suffix, what is saved, the reason our line gives from the state dict): PyTorch refuses each
+REFUSED = [
+    ("missing-weight", ".safetensors", drop_first_weight, lambda sd: f"1 missing ({next(iter(sd))})"),
+    ("unexpected-key", ".pt", add_key, lambda sd: "1 unexpected (extra.weight)"),
+    ("mis-shaped", ".safetensors", first_running_var_as_row,
+     lambda sd: next(f"1 mis-shaped ({k} (1, {len(v)}) != ({len(v)},))" for k, v in sd.items() if k.endswith("running_var"))),
+    # BatchNorm's metadata says version 2, so PyTorch wants its counter (torch.save(model.state_dict()) minus them)
+    ("no-nbt-bn-version-2", ".pt", lambda net, sd: without_nbt(sd),
+     lambda sd: (lambda keys: f"{len(keys)} missing ({', '.join(keys[:3])}, ...)")([k for k in sd if k.endswith(NBT)])),
+]
+
+
+@pytest.mark.parametrize("model", ["smallcnn", "resnet18"])
+@pytest.mark.parametrize("case, suffix, make, reason", REFUSED, ids=[f"{c}{s}" for c, s, _, _ in REFUSED])
+def test_what_pytorch_refuses_is_one_line_naming_the_keys(tmp_path, model, case, suffix, make, reason):
+    from bench.checkpoint import Checkpoint, load_into
+    from bench.registry import BenchError
+
+    net = source(model)
+    sd = net.state_dict()
+    path = save(make(net, sd), tmp_path / f"{case}{suffix}")
+    with pytest.raises(RuntimeError, match="Error.s. in loading state_dict"):
+        fresh(model).net.load_state_dict(pytorch_reads(path), strict=True)
+    with pytest.raises(BenchError) as err:
+        load_into(fresh(model), Checkpoint.open(path), 10, "synthetic", model)
+    assert str(err.value) == f"checkpoint {path.name} does not fit --model {model}: {reason(sd)}"
+
+
+MNASNET = "torchvision:mnasnet0_5"  # its _load_from_state_dict needs the version metadata (1 or 2)
+
+
+def mnasnet(seed: int) -> torch.nn.Module:
+    return MODELS.get(MNASNET)().build(10, 3, MEAN, STD, seed=seed)
+
+
+def test_torchvision_mnasnet_loads_a_pt_state_dict_with_its_metadata(tmp_path):
+    """torch.save(model.state_dict()) keeps the metadata MNASNet's own loading reads (without it: ValueError)."""
+    from bench.checkpoint import Checkpoint, load_into
+
+    pt = save(mnasnet(1).net.state_dict(), tmp_path / "mnasnet.pt")
+    loaded, reference = mnasnet(0), mnasnet(0)
+    reference.net.load_state_dict(pytorch_reads(pt), strict=True)
+    load_into(loaded, Checkpoint.open(pt), 10, "synthetic", MNASNET)
+    assert_same_model(loaded, reference)
+
+
+def test_torchvision_mnasnet_refuses_a_safetensors_file_on_one_line_as_pytorch_does(tmp_path):
+    from bench.checkpoint import Checkpoint, load_into
+    from bench.registry import BenchError
+
+    st = save(mnasnet(1).net.state_dict(), tmp_path / "mnasnet.safetensors")
+    with pytest.raises(ValueError, match="version should be set to 1 or 2 instead of None"):
+        mnasnet(0).net.load_state_dict(pytorch_reads(st), strict=True)
+    with pytest.raises(BenchError) as err:
+        load_into(mnasnet(0), Checkpoint.open(st), 10, "synthetic", MNASNET)
+    assert str(err.value) == (f"checkpoint mnasnet.safetensors does not fit --model {MNASNET}: "
+                              "ValueError: version should be set to 1 or 2 instead of None")
+
+
+def test_torchvision_vit_takes_the_legacy_mlp_keys_it_renames_itself(tmp_path):
+    """torchvision's ViT (a small one of its class) renames mlp.linear_1 / linear_2 to mlp.0 / mlp.3 when
+    the state dict has no metadata or an older version."""
+    from torchvision.models import VisionTransformer
+
+    from bench.checkpoint import Checkpoint, load_into
+    from bench.models import Classifier
+
+    def vit(seed):
+        torch.manual_seed(seed)
+        return Classifier(VisionTransformer(32, 16, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=10),
+                          MEAN, STD)
+
+    legacy = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
+              for k, v in vit(1).net.state_dict().items()}
+    assert sum("linear_1" in k for k in legacy) == 4
+    path = save(legacy, tmp_path / "vit.safetensors")
+    loaded, reference = vit(0), vit(0)
+    reference.net.load_state_dict(pytorch_reads(path), strict=True)
+    load_into(loaded, Checkpoint.open(path), 10, "synthetic", "vit")
+    assert_same_model(loaded, reference)
+
+
+def test_defend_takes_a_safetensors_file_without_batchnorm_counters(tmp_path):
+    """The issue's case end to end: the network saved with safetensors minus num_batches_tracked gives the
+    records of the same network saved whole."""
+    sd = tiny_net(MEAN, STD).net.state_dict()
+    for name, tensors in (("whole", dict(sd)), ("no-nbt", {k: v for k, v in sd.items() if not k.endswith(NBT)})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        res = invoke("defend", str(tmp_path / f"{name}.safetensors"), *COMMON, "--defense", "none",
+                     "--out", str(tmp_path / name))
+        assert res.exit_code == 0, res.output
+    (whole,), (no_nbt,) = records(tmp_path / "whole"), records(tmp_path / "no-nbt")
+    assert no_nbt["status"] == "ok" and no_nbt["metrics"] == whole["metrics"]
 
 
 # ---------------------------------------------------------------- plugins and bench check

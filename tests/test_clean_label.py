@@ -106,7 +106,7 @@ def test_list_fields_says_what_poison_rate_means():
     res = CliRunner().invoke(main, ["list", "attacks", "--fields"])
     assert res.exit_code == 0
     lines = res.output.splitlines()
-    for name, rate in (("sig", 0.1), ("ctrl", 0.05)):
+    for name, rate in (("sig", 0.1), ("ctrl", 0.01)):
         line = next(l for l in lines if f"{name}.poison_rate (float) = {rate}" in l)
         assert "WHOLE training set" in line and "target-class images only" in line and "capped" in line
     assert "badnets.poison_rate (float) = 0.1  fraction of the training set poisoned" in res.output

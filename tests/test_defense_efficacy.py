@@ -54,7 +54,7 @@ CASES = {
     "nad": ({}, {"lr": 0.0}),
     "ft": ({"lr": 0.3, "epochs": 60}, {"lr": 0.0}),
     "fst": ({"lr": 0.1}, {"lr": 0.0}),
-    "ibau": ({"batch_size": 40}, {"lr": 0.0}),
+    "ibau": ({"batch_size": 40, "search_steps": 5, "outer_steps": 5}, {"lr": 0.0}),
     "nc": ({"epochs": 40, "batches_per_epoch": 2, "batch_size": 16}, {"unlearn_lr": 0.0}),
 }
 

@@ -16,7 +16,7 @@ from torch import nn
 import bench.data
 import defenses.masks
 import defenses.rnp
-from bench.check import check_defense
+from bench.check import CHEAP, check_defense
 from bench.config import build
 from bench.data import DATASETS, ImageSet
 from bench.models import MODELS
@@ -56,7 +56,7 @@ def test_contract(name, model, sets, monkeypatch):
     """bench.check's defense contract (the one `bench check` runs on a plugin): only the model, the clean set
     and the context; no global RNG; the clean set untouched; a working model and JSON facts; the same seed,
     the same model (two independent runs: RNP's stage-1 memo emptied before each); the model on its device."""
-    checks = check_defense(DEFENSES.get(name)(), model, sets[1], lambda: ctx(seed=3),
+    checks = check_defense(DEFENSES.get(name)(**CHEAP.get(name, {})), model, sets[1], lambda: ctx(seed=3),
                            before_each=lambda: monkeypatch.setattr(defenses.rnp, "_UNLEARNED", {}))
     assert [c[0] for c in checks if not c[1]] == [] and len(checks) == 5, checks
 
@@ -356,7 +356,7 @@ def plain_model(sets) -> nn.Module:
 @pytest.mark.parametrize("name", DEFENSES.names())
 def test_every_defense_handles_a_model_without_batchnorm_or_says_why_on_one_line(name, plain_model, sets):
     try:
-        res = DEFENSES.get(name)()(copy.deepcopy(plain_model), sets[1], ctx())
+        res = DEFENSES.get(name)(**CHEAP.get(name, {}))(copy.deepcopy(plain_model), sets[1], ctx())
     except BenchError as exc:
         msg = str(exc)
         assert "\n" not in msg and "BatchNorm" in msg, msg  # names what the defense needs

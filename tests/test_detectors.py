@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftes
 
 # Settings that make each detector quick on 64 images (the defaults run for minutes on real data).
 QUICK = {"rnp_label": {"unlearn_lr": 0.05}, "rnp_samples": {"unlearn_lr": 0.05}, "nc_label": {**FAST, "unlearn_epochs": 0},
-         "strip": {"n_overlays": 8}}
+         "rnp_trigger": {"epochs": 10, "batches_per_epoch": 0, "reset_cost_to_zero": False}, "strip": {"n_overlays": 8}}
 
 
 def ctx(seed: int = 0) -> DefenseContext:

@@ -276,4 +276,5 @@ def test_both_are_registered_with_their_papers():
     assert ATTACKS.get("fc") is FeatureCollision and ATTACKS.get("dfst") is DFST
     assert FeatureCollision.clean_label and FeatureCollision.needs_clean_model and not DFST.clean_label
     assert "1804.00792" in FeatureCollision.paper and "2012.11212" in DFST.paper
-    assert DFST().strength == 0.6 and DFST().poison_rate == 0.05 and FeatureCollision().beta0 == 0.25
+    assert DFST().strength == 0.6 and DFST().poison_rate == 0.05 and FeatureCollision().beta0 == 0.2
+    assert FeatureCollision().iters == 1500 and FeatureCollision().lr == 0.01

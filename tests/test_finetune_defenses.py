@@ -80,13 +80,26 @@ def test_nad_automatic_layers_are_maps_larger_than_1x1(name, kw, channels, size)
     sizes = [shapes[n][-2:] for n in layers]
     assert all(len(shapes[n]) == 4 and h * w > 1 for n, (h, w) in zip(layers, sizes)), sizes
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3, "three depths, shallow to deep"
+    assert sizes == [(size // 2**j, size // 2**j) for j in range(3)], "the official maps' sizes: the input's, half, quarter"
     if "resnet" in name:
-        assert layers == ["net.layer2", "net.layer3", "net.layer4"]
+        assert layers == ["net.layer1", "net.layer2", "net.layer3"]
 
 
 def test_nad_automatic_layers_of_smallcnn_are_stage_ends():
-    assert NAD().choose_layers(tiny(), torch.rand(1, 3, 32, 32)) == ["net.12", "net.19", "net.20"]
-    assert NAD(betas=(1.0, 1.0)).choose_layers(tiny(), torch.rand(1, 3, 32, 32)) == ["net.19", "net.20"]
+    """The ends of the conv stages at 32x32, 16x16 and 8x8 (not the pooling that starts the next stage)."""
+    assert NAD().choose_layers(tiny(), torch.rand(1, 3, 32, 32)) == ["net.5", "net.12", "net.19"]
+    assert NAD(betas=(1.0, 1.0)).choose_layers(tiny(), torch.rand(1, 3, 32, 32)) == ["net.5", "net.12"]
+
+
+def test_nad_falls_back_to_the_last_maps_larger_than_1x1_without_the_official_sizes():
+    """An ImageNet stem quarters a 32x32 input before its first stage: no 32x32 map, so the last three stages
+    larger than 1x1 are distilled, and the record says they are not the official sizes."""
+    model = MODELS.get("smallcnn")(width=4).build(10, 3, (0.5,) * 3, (0.25,) * 3)
+    x = torch.rand(1, 3, 32, 32)
+    stem = torch.nn.Sequential(torch.nn.AvgPool2d(2), model)  # the model now sees 16x16 inputs through a 32x32 door
+    layers, official = nad_module.auto_layers(stem, x, 3)
+    shapes = dict(nad_module.probe_outputs(stem, x))
+    assert not official and [shapes[n][-2:] for n in layers] == [(8, 8), (4, 4), (2, 2)]
 
 
 def test_nad_explicit_layers_must_be_maps_larger_than_1x1():
@@ -112,7 +125,8 @@ def test_nad_unknown_layer_fails_at_check_and_in_the_grid():
 
 
 def test_nad_area_scaling_gives_each_depth_the_official_weight():
-    nad = NAD()
+    assert NAD().effective_betas([(16, 16), (8, 8), (4, 4)], (32, 32)) == [500.0, 1000.0, 1000.0]  # off: the official loss
+    nad = NAD(area_scaled=True)
     # The official maps (WRN-16-1 on 32x32): full, half, quarter resolution -> the official betas.
     assert nad.effective_betas([(32, 32), (16, 16), (8, 8)], (32, 32)) == [500.0, 1000.0, 1000.0]
     # Our ResNet-18s' and smallcnn's last three stages: a quarter of the positions each.
@@ -175,7 +189,7 @@ def test_nad_runs_teacher_then_student_through_the_shared_trainer(planted, monke
     real = nad_module.train
 
     def spy(m, data, cfg, aug, **kw):
-        calls.append((cfg, [type(e).__name__ for e in kw.get("extensions", ())]))
+        calls.append((cfg, [type(e).__name__ for e in kw.get("extensions", ())], kw.get("keep_ragged")))
         return real(m, data, cfg, aug, **kw)
 
     monkeypatch.setattr(nad_module, "train", spy)
@@ -185,9 +199,10 @@ def test_nad_runs_teacher_then_student_through_the_shared_trainer(planted, monke
     cfg = calls[1][0]
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov, cfg.batch_size) == (0.1, 0.9, 1e-4, True, 64)
     assert cfg.schedule == "multistep" and cfg.milestones == (2,) and cfg.gamma == 0.1
+    assert all(c[2] for c in calls), "teacher and student keep the ragged last batch, as the official DataLoader"
     info = res.info
-    assert info["layers"] == ["net.12", "net.19", "net.20"] and info["map_sizes"] == [[16, 16], [8, 8], [4, 4]]
-    assert info["betas_effective"] == [125.0, 250.0, 250.0]
+    assert info["layers"] == ["net.5", "net.12", "net.19"] and info["map_sizes"] == [[32, 32], [16, 16], [8, 8]]
+    assert info["official_sizes"] and info["betas_effective"] == [500.0, 1000.0, 1000.0]
     assert all(not m._forward_hooks for m in res.model.modules())
 
 
@@ -247,7 +262,7 @@ def test_fst_reinitialises_the_head_holds_its_norm_and_penalises_the_original(pl
         (shift,) = kw["extensions"]
         recorders.append(Recorder(shift.head, shift))
         assert cfg.nesterov is False and cfg.weight_decay == 0.0 and cfg.schedule == "cosine" and cfg.lr == 0.01
-        assert cfg.epochs == 10 and cfg.batch_size == 64 and cfg.momentum == 0.9
+        assert cfg.epochs == 10 and cfg.batch_size == 128 and cfg.momentum == 0.9 and kw["keep_ragged"]
         return real(m, data, cfg, aug, **{**kw, "extensions": [shift, recorders[-1]]})
 
     monkeypatch.setattr(fst_module, "train", spy)
@@ -260,7 +275,7 @@ def test_fst_reinitialises_the_head_holds_its_norm_and_penalises_the_original(pl
     assert not torch.allclose(rec.start_weight, w0) and not torch.allclose(rec.start_bias, head0.bias)
     # The penalty is alpha * <W, W_original> with the ORIGINAL weights, at every step.
     assert torch.equal(rec.shift.original, w0)
-    assert len(rec.penalties) == 10 == len(rec.norms)  # 10 epochs x 1 step (64 images, batch 64)
+    assert len(rec.penalties) == 10 == len(rec.norms)  # 10 epochs x 1 step (64 images, batch 128)
     for extra, inner in rec.penalties:
         assert extra == pytest.approx(0.2 * inner, rel=1e-4, abs=1e-5)
     # After every step the head's norm is the original norm.

@@ -68,12 +68,14 @@ def test_registered_with_official_defaults():
     atk = ATTACKS.get("iad")()
     assert (atk.poison_rate, atk.cross_rate, atk.lambda_div, atk.lambda_norm, atk.mask_density) == (0.1, 0.1, 1.0, 100.0, 0.032)
     assert (atk.lr_g, atk.lr_m, atk.target, atk.label_mode) == (0.01, 0.01, 0, "all2one")
+    assert (atk.mask_epochs, atk.g_grad_accumulation, atk.gen_width) == (25, True, 0)
     with pytest.raises(BenchError, match="cross_rate"):
         ATTACKS.get("iad")(poison_rate=0.6, cross_rate=0.5)
 
 
 def test_mask_epochs_scaled_from_the_run():
-    atk = ATTACKS.get("iad")()
+    assert ATTACKS.get("iad")().mask_epochs_for(4) == 25, "the default: the official 25, whatever the run"
+    atk = ATTACKS.get("iad")(mask_epochs=0)
     assert [atk.mask_epochs_for(e) for e in (1, 4, 10, 34, 60, 575)] == [1, 1, 1, 1, 3, 25]
     assert ATTACKS.get("iad")(mask_epochs=7).mask_epochs_for(60) == 7
 

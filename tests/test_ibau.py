@@ -148,9 +148,10 @@ def test_perturbation_stays_in_the_l2_ball(bound, tiny):
 def test_ibau_keeps_the_bound_every_round_and_leaves_bn_statistics_alone(tiny):
     model, clean, _ = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = IBAU(rounds=2, pert_norm=1.5, batch_size=16)(copy.deepcopy(model), clean, ctx())
+    res = IBAU(rounds=2, pert_norm=1.5, batch_size=16, search_steps=4, outer_steps=3)(copy.deepcopy(model), clean, ctx())
     info = res.info
-    assert info["rounds"] == 2 == len(info["per_round"]) and info["batches"] == 3 and info["outer_steps"] == 6
+    assert info["rounds"] == 2 == len(info["per_round"]) and info["batches"] == 3
+    assert info["outer_steps"] == 6 and info["search_steps"] == 8
     assert all(r["pert_norm"] <= 1.5 + 1e-4 for r in info["per_round"])
     after = res.model.state_dict()
     stats = [k for k in before if "running" in k or "num_batches" in k]
@@ -253,7 +254,9 @@ def backdoored() -> tuple:
 
 
 def test_ibau_removes_a_planted_backdoor(backdoored):
-    """Defaults except batch_size (200 images in 5 batches, as 500 in 5 at the default 100) and 10 rounds.
+    """Defaults except batch_size (200 images in 5 batches, as 500 in 5 at the default 100), 10 rounds and
+    one walk over the 5 batches a round for each half (search_steps, outer_steps 5: the loop these
+    measurements were made with, before the official 50 steps a round became the default).
 
     Tiny models are a hard case for i-BAU: their universal adversarial perturbation is often a
     natural one (the synthetic "X" or "plus" shape drawn over the image) rather than the trigger.
@@ -271,12 +274,31 @@ def test_ibau_removes_a_planted_backdoor(backdoored):
     model, clean, test, triggered = backdoored
     before = evaluate(model, test, triggered)
     assert before["asr"] > 0.9 and before["ca"] > 0.95, before  # ASR 0.948 on an AVX2-only CPU (fp32 kernels, 2026-12-03)
-    res = IBAU(batch_size=40, rounds=10)(copy.deepcopy(model), clean, ctx(seed=1))
+    walk = dict(batch_size=40, rounds=10, search_steps=5, outer_steps=5)
+    res = IBAU(**walk)(copy.deepcopy(model), clean, ctx(seed=1))
     after = evaluate(res.model, test, triggered)
-    control = evaluate(IBAU(batch_size=40, rounds=10, pert_norm=0.0)(copy.deepcopy(model), clean, ctx(seed=1)).model,
-                       test, triggered)
+    control = evaluate(IBAU(**walk, pert_norm=0.0)(copy.deepcopy(model), clean, ctx(seed=1)).model, test, triggered)
     assert after["asr"] < 0.6 and after["ca"] > 0.85, after
     assert after["asr"] < control["asr"] - 0.3, "the adversarial perturbation, not plain fine-tuning, removes it"
     info = res.info
     assert info["batches"] == 5 and len(info["per_round"]) == 10
     assert all(r["fooling_rate"] > 0.5 for r in info["per_round"]), "delta is adversarial"
+
+
+def test_ibau_takes_its_step_budget_whatever_the_number_of_batches(tiny, monkeypatch):
+    """The official loop makes 50 delta steps and 50 outer steps a round (one per batch of its 5,000 images);
+    on fewer images the steps walk the batches again: 7 delta and 4 outer steps a round over 3 batches."""
+    model, clean, _ = tiny
+    counts = {"SGD": 0, "Adam": 0}
+    for name in counts:
+        cls = getattr(torch.optim, name)
+        real = cls.step
+
+        def step(self, *a, _real=real, _name=name, **k):
+            counts[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(cls, "step", step)
+    res = IBAU(rounds=2, batch_size=16, search_steps=7, outer_steps=4)(copy.deepcopy(model), clean, ctx())
+    assert res.info["batches"] == 3
+    assert counts == {"SGD": 2 * 7, "Adam": 2 * 4}

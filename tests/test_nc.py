@@ -105,7 +105,10 @@ def test_unlearning_batches_stamp_a_fifth_and_keep_labels(planted, monkeypatch):
     model, _, clean, _ = planted
     seen = {}
 
+    kw_seen = {}
+
     def fake_train(m, data, cfg, aug, *, seed, device, extensions, **kw):
+        kw_seen.update(kw)
         x, y = data.x[:50], data.y[:50]
         seen["out"] = extensions[0].batch(x, y, torch.Generator().manual_seed(0))
         seen["in"], seen["cfg"] = (x, y), cfg
@@ -120,7 +123,8 @@ def test_unlearning_batches_stamp_a_fifth_and_keep_labels(planted, monkeypatch):
     want = stamp(x[:10], trig.masks[[TARGET] * 10], trig.patterns[[TARGET] * 10])
     torch.testing.assert_close(xo[:10], want)
     torch.testing.assert_close(xo[10:], x[10:].float() / 255)
-    assert seen["cfg"].epochs == 10 and seen["cfg"].lr == 0.01
+    assert seen["cfg"].epochs == 100 and seen["cfg"].lr == 0.01 and seen["cfg"].batch_size == 256  # BackdoorBench's
+    assert kw_seen["keep_ragged"] is True  # its DataLoader keeps the last, smaller batch
 
 
 # ---------------------------------------------------------------- the optimiser
@@ -218,3 +222,40 @@ def test_bad_settings_fail_at_config_build():
     nc = NeuralCleanse()
     assert (nc.init_cost, nc.success_threshold, nc.patience, nc.cost_multiplier, nc.lr) == (1e-3, 0.99, 5, 2.0, 0.1)
     assert NeuralCleanse.name == "nc" and "epochs" in nc.to_dict() and "unlearn_ratio" in nc.to_dict()
+
+
+# ---------------------------------------------------------------- the official cost schedule and early stop
+
+
+def test_the_cost_starts_at_zero_and_follows_the_official_schedule():
+    """visualizer.py, epoch by epoch: at cost 0, ``patience`` successful epochs in a row set ``init_cost`` (and reset
+    the up/down counters); then ``patience`` successes multiply the cost by 2, ``patience`` failures divide it by
+    2 ** 1.5; a failure streak at cost 0 "divides" 0 and still sets the down flag, as the official code does."""
+    from defenses.trigger import _Label
+
+    s = TriggerSearch()
+    m = p = torch.zeros(1)
+    lab = _Label(cost=0.0)
+    costs = []
+    for acc in [1.0] * 4 + [1.0] + [1.0] * 5 + [0.0] * 5:
+        lab.end_epoch(s, acc, reg=1.0, mask=m, pattern=p)
+        costs.append(lab.cost)
+    assert costs[:4] == [0.0] * 4 and costs[4] == 1e-3, "set to init_cost on the 5th success at cost 0"
+    # The 5th success also counts as the first of the next streak: 4 more double the cost at epoch 9.
+    assert costs[8] == 2e-3 and lab.up_flag
+    assert costs[13] == 2e-3 and costs[14] == pytest.approx(2e-3 / 2 ** 1.5) and lab.down_flag  # the 5th failure
+    zero = _Label(cost=0.0)
+    for _ in range(5):
+        zero.end_epoch(s, 0.0, reg=1.0, mask=m, pattern=p)
+    assert zero.cost == 0.0 and zero.down_flag and not zero.up_flag
+
+
+def test_early_stop_fires_at_the_official_budget_on_a_trigger_found_fast(planted):
+    """At the defaults (up to 1000 epochs of 31 mini-batches) the planted patch is found within a few epochs; the
+    cost then moves up and down, and 25 epochs without a smaller mask end the search long before 1000."""
+    model, _, clean, _ = planted
+    search = TriggerSearch(batch_size=16)  # the official budget and schedule; smaller batches only for speed
+    assert (search.epochs, search.batches_per_epoch, search.reset_cost_to_zero) == (1000, 31, True)
+    r = reverse_triggers(model, clean, [TARGET], search, gen=torch.Generator().manual_seed(0), bf16=False)
+    assert bool(r.reached[0]) and 35 <= int(r.epochs[0]) < 1000, int(r.epochs[0])
+    assert r.steps == int(r.epochs[0]) * 31

@@ -59,12 +59,57 @@ RNP_LOG = "rnp_official_log_badnets_cifar10"
 # BackdoorBench's attack names -> ours (after _norm); defenses match after _norm (i-BAU -> ibau).
 ATTACK_ALIASES = {"badnet": "badnets", "blended": "blend", "inputaware": "iad", "trojannn": "trojan",
                   "lowfrequency": "lf", "labelconsistent": "lc"}
+# The protocol behind each leaderboard (BackdoorBench v2.2): its model, its training recipe
+# (config/attack/prototype/<dataset>.yaml) and its defenses' clean data (config/defense/*/<dataset>.yaml: ratio),
+# as (text, what is compared).
+PROTOCOLS = {
+    "cifar10": {"model": ("preactresnet18, width 64", ("preactresnet18", 64)),
+                "recipe": ("100 epochs, SGD lr 0.01, cosine, batch 128", (100, 0.01, "cosine", 128)),
+                "defense data": ("5% of the training set", 0.05)},
+    "gtsrb": {"model": ("preactresnet18, width 64", ("preactresnet18", 64)),
+              "recipe": ("50 epochs, SGD lr 0.01, cosine, batch 128", (50, 0.01, "cosine", 128)),
+              "defense data": ("5% of the training set", 0.05)},
+}
+TRAIN_IMAGES = {"cifar10": 50000, "gtsrb": 39209}
 REMOVED = 20.0  # "removes the backdoor": ASR after the defense <= 20 % (the bar the tables use)
 NOT_IMPLANTED = "not implanted"  # the backdoored model's own ASR is <= REMOVED: nothing to remove
 
 
 def _direction(asr: float | None) -> str:
     return "-" if asr is None else ("removes" if asr <= REMOVED else "keeps")
+
+
+def our_protocol(records: list[dict], dataset: str) -> dict[str, list[tuple[str, object]]]:
+    """The model, recipe and defense data of our cells on ``dataset`` as (text, what is compared), one per distinct value."""
+    out: dict[str, dict] = {"model": {}, "recipe": {}, "defense data": {}}
+    for r in records:
+        c = r.get("config") if isinstance(r.get("config"), dict) else {}
+        m, t = c.get("model"), c.get("train")
+        if isinstance(m, dict):
+            name, width = m.get("name", r.get("model")), m.get("width")
+            out["model"][(name, width)] = f"{name}" + (f", width {width}" if width is not None else "")
+        if isinstance(t, dict) and isinstance(t.get("lr"), (int, float)):
+            key = (t.get("epochs"), t.get("lr"), t.get("schedule"), t.get("batch_size"))
+            out["recipe"][key] = f"{key[0]} epochs, SGD lr {key[1]:g}, {key[2]}, batch {key[3]}"
+        n = (r.get("info") or {}).get("defense_images")
+        if isinstance(n, int) and n and r.get("defense") != "none" and dataset in TRAIN_IMAGES:
+            share = round(n / TRAIN_IMAGES[dataset], 2)
+            out["defense data"][share] = f"{n / TRAIN_IMAGES[dataset]:.0%} of the training set ({n} images)"
+    return {k: [(text, key) for key, text in v.items()] for k, v in out.items()}
+
+
+def protocol_lines(records: list[dict], dataset: str) -> list[str]:
+    """Our protocol beside the leaderboard's, and which of model, recipe and defense data differ."""
+    ours, theirs = our_protocol(records, dataset), PROTOCOLS.get(dataset)
+    if theirs is None:
+        return []
+    lines = ["| | ours | published |", "|---|---|---|"]
+    lines += [f"| {k} | {' / '.join(t for t, _ in ours[k]) or '-'} | {theirs[k][0]} |" for k in theirs]
+    differ = [k for k in theirs if any(key != theirs[k][1] for _, key in ours[k])]
+    if differ:
+        lines += ["", f"The protocols differ in {', '.join(differ)}: the numbers are not comparable cell by cell; read the "
+                      "directions. BackdoorBench also picks some defenses' operating points on test data."]
+    return lines
 
 
 def compare_markdown(records: list[dict]) -> str:
@@ -108,6 +153,7 @@ def compare_markdown(records: list[dict]) -> str:
         if lines:
             parts.append("\n".join(
                 [f"### Against the BackdoorBench leaderboard ({dataset})", ""] + [f"> {s}" for s in ref.source]
+                + [""] + protocol_lines(recs, dataset)
                 + ["", f"Direction: a defense 'removes' the backdoor when its ASR is <= {REMOVED:g} %. "
                        f"Our direction agrees with the published one in {agree} of {total} defended cells "
                        f"(an attack whose backdoored model has ASR <= {REMOVED:g} % on either side is marked '{NOT_IMPLANTED}' "

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.official import describe
 from bench.report.records import before_metrics, model_key, with_backdoor_rows
 from bench.report.render import METRICS, frac, ok, ordered, short, value
 from bench.stats import der, summary
 
 PARTIAL_MARK = "*"
 AVERAGE_MARK = "†"
+DEPARTURE_MARK = "‡"
+DEPARTURE_NOTE = ("‡ (on CA) a cell run at settings that differ from the official ones (bench/official.py); "
+                  "what differs, and its official value:")
 PARTIAL_NOTE = "* some seeds of this cell failed; the value is over the others."
 NONE_NOTE = "none: the backdoored model before any defense."
 AVERAGE_NOTE = "† average over fewer attacks than the table has (the others failed or are missing)."
@@ -40,6 +44,7 @@ class TableCell:
     values: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
     ders: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    departures: dict[str, dict] = field(default_factory=dict)  # describe(departure) -> departure, over its seeds
 
     def stats(self, m: str) -> dict:
         """``bench.stats.summary`` of a metric (``"der"`` included) over the seeds."""
@@ -59,7 +64,7 @@ class TableCell:
             return "failed" if self.n_failed else "-"
         digits = 3 if m == "der" else 2
         t = f"{s['mean']:.{digits}f}" if s["n"] < 2 else f"{s['mean']:.{digits}f}{pm}{s['std']:.{digits}f}"
-        return t + (PARTIAL_MARK if self.n_failed else "")
+        return t + (PARTIAL_MARK if self.n_failed else "") + (DEPARTURE_MARK if self.departures and m == "ca" else "")
 
 
 @dataclass
@@ -143,7 +148,32 @@ class Table:
         if any(t.endswith(AVERAGE_MARK) for t in flat):
             notes.append(AVERAGE_NOTE)
         notes += [f"failed: {a} / {d}: {short(c.errors[0])}" for (a, d), c in self.cells.items() if c.errors and not c.n_ok]
-        return notes
+        return notes + self.departure_notes()
+
+    def departure_notes(self) -> list[str]:
+        """What the marked cells depart in, grouped: the departures every cell shares, then those of whole
+        attack rows, of whole defense columns, and the rest by cell. [] when every cell is at official settings."""
+        where: dict[str, set[tuple[str, str]]] = {}
+        for key, c in self.cells.items():
+            for text in c.departures:
+                where.setdefault(text, set()).add(key)
+        if not where:
+            return []
+        every = set(self.cells)
+        groups: dict[str, list[str]] = {}
+        for text, keys in where.items():
+            rows, cols = {a for a, _ in keys}, {d for _, d in keys}
+            if keys == every:
+                label = "every cell"
+            elif len(rows) == 1 and keys == {k for k in every if k[0] in rows}:
+                label = f"attack {next(iter(rows))}"
+            elif len(cols) == 1 and keys == {k for k in every if k[1] in cols}:
+                label = f"defense {next(iter(cols))}"
+            else:
+                label = "cells " + ", ".join(f"{a} / {d}" for a, d in sorted(keys))
+            groups.setdefault(label, []).append(text)
+        order = sorted(groups, key=lambda g: (g != "every cell", not g.startswith("attack"), not g.startswith("defense"), g))
+        return [DEPARTURE_NOTE] + [f"{g}: {'; '.join(groups[g])}" for g in order]
 
 
 def build_tables(records: list[dict], backdoor: bool = True) -> list[Table]:
@@ -169,6 +199,9 @@ def build_tables(records: list[dict], backdoor: bool = True) -> list[Table]:
             key = (str(r["attack"]), str(r["defense"]))
             c = cells.setdefault(key, TableCell())
             seeds.setdefault(key, set()).add(r["seed"])
+            for d in r.get("departures") or []:
+                if isinstance(d, dict) and "field" in d:
+                    c.departures.setdefault(describe(d), d)
             if ok(r):
                 c.n_ok += 1
                 for m in METRICS:

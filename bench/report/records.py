@@ -89,7 +89,9 @@ def with_backdoor_rows(records: list[dict]) -> list[dict]:
         if key in have or key in extra or not isinstance(r.get("backdoor"), dict):
             continue
         extra[key] = {"dataset": key[0], "model": key[1], "attack": key[2], "defense": "none", "seed": key[3],
-                      "status": "ok", "error": None, "metrics": r["backdoor"], "from_backdoor": True}
+                      "status": "ok", "error": None, "metrics": r["backdoor"], "from_backdoor": True,
+                      "departures": [d for d in r.get("departures") or [] if isinstance(d, dict)
+                                     and d.get("kind") not in ("defense", "detector")]}
     return list(extra.values()) + records
 
 

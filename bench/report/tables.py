@@ -23,7 +23,7 @@ import csv
 import io
 from typing import Any
 
-from bench.report.grid import AVERAGE_MARK, DER_NOTE, PARTIAL_MARK, Table, build_tables, title
+from bench.report.grid import AVERAGE_MARK, DEPARTURE_MARK, DER_NOTE, PARTIAL_MARK, Table, build_tables, title
 from bench.report.render import LABELS, METRICS, md_escape, ok, ordered, tex_escape
 
 STATS_NOTE = "95 % confidence intervals over seeds (Student's t) are in table.csv and index.html."
@@ -97,7 +97,7 @@ def timing_markdown(records: list[dict]) -> str:
 
 STATS = ("mean", "std", "ci_low", "ci_high")
 CSV_COLUMNS = (["dataset", "model", "attack", "defense", "n_seeds", "n_failed"]
-               + [f"{m}_{s}" for m in (*METRICS, "der") for s in STATS] + ["der_mean_rank"])
+               + [f"{m}_{s}" for m in (*METRICS, "der") for s in STATS] + ["der_mean_rank", "departures"])
 
 
 def csv_rows(records: list[dict]) -> list[dict[str, Any]]:
@@ -121,6 +121,7 @@ def csv_rows(records: list[dict]) -> list[dict[str, Any]]:
                     row[f"{m}_mean"], row[f"{m}_std"] = _round(st["mean"]), _round(c.std(m))
                     row[f"{m}_ci_low"], row[f"{m}_ci_high"] = _round(st["ci_low"]), _round(st["ci_high"])
                 row["der_mean_rank"] = None
+                row["departures"] = "; ".join(sorted(c.departures)) or None  # the fields off their official values
                 rows.append(row)
         ranks = t.ranks()
         for d in t.defenses:
@@ -129,6 +130,7 @@ def csv_rows(records: list[dict]) -> list[dict[str, Any]]:
                 row.update({f"{m}_{s}": None for s in STATS})
                 row[f"{m}_mean"] = _round(t.average(d, m)[0])
             row["der_mean_rank"] = _round(ranks.get(d, (None, 0))[0])
+            row["departures"] = None
             rows.append(row)
     return rows
 
@@ -149,7 +151,7 @@ def csv_text(records: list[dict]) -> str:
 def _tex_cell(text: str) -> str:
     if text == "-":
         return "--"
-    text = text.replace(AVERAGE_MARK, r"$^\dagger$").replace(PARTIAL_MARK, r"$^*$")
+    text = text.replace(AVERAGE_MARK, r"$^\dagger$").replace(PARTIAL_MARK, r"$^*$").replace(DEPARTURE_MARK, r"$^\ddagger$")
     return text.replace(" ± ", r" $\pm$ ")
 
 
@@ -170,6 +172,7 @@ def latex_table(records: list[dict]) -> str:
         lines.append(r"\bottomrule")
         for note in t.notes() + ([STATS_NOTE] if t.max_seeds > 1 else []):
             note = tex_escape(note).replace(AVERAGE_MARK, r"$^\dagger$").replace(PARTIAL_MARK, r"$^*$", 1)
+            note = note.replace(DEPARTURE_MARK, r"$^\ddagger$")
             lines.append(rf"\multicolumn{{{1 + 3 * k}}}{{l}}{{\footnotesize {note}}} \\")
         lines.append(r"\end{tabular}")
         ders = der_rows(t)

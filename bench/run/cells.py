@@ -22,6 +22,7 @@ the driver alone writes the run folder (``bench.run.rundir``).
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import os
@@ -41,6 +42,8 @@ from bench.data import ImageSet, defense_subset
 from bench.detect import (INPUTS_VERSION, NOT_APPLICABLE, TRIGGER_PREFIXES, auroc, detection_inputs, precision_at_k,
                           tpr_at_fpr, trigger_scores, truth)
 from bench.metrics import TriggeredSet, evaluate
+from bench.official import defense_data_departure, departures_of, recipe_departures
+from bench.presets import PRESETS
 from bench.run.plan import DefenseCell, DetectCell, TrainJob, model_dir, reference_job
 from bench.store import atomic_write_bytes, fault_point, load_tensors, read_json, save_tensors, write_json
 from bench.train import train
@@ -158,7 +161,11 @@ def load_model(job: TrainJob, device: str) -> tuple[torch.nn.Module, Attack, tor
     d = model_dir(job)
     ds = job.dataset
     model = job.model.build(ds.num_classes, ds.channels, ds.mean, ds.std, seed=job.seed)
-    model.load_state_dict(load_tensors(d / "model.safetensors"))
+    weights = collections.OrderedDict(load_tensors(d / "model.safetensors"))
+    # safetensors keeps no module versions; the entry was saved by this very architecture, so its own versions
+    # are the right ones (a module whose loader reads them, e.g. torchvision's MNASNet, needs them).
+    weights._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(weights)
     state = load_tensors(d / "attack.safetensors")
     poison_idx = state.pop("poison_idx")
     attack = copy.deepcopy(job.attack)
@@ -216,6 +223,30 @@ def job_config(job: TrainJob) -> dict:
 # ---------------------------------------------------------------- records
 
 
+def departures(cell: DefenseCell | DetectCell, images: int | None = None, n_train: int | None = None) -> list[dict]:
+    """The fields of a cell that differ from the official values (``bench.official``), each with its kind:
+    the dataset's, the model's, the recipe's (against the paper protocol's; a user's checkpoint was not
+    trained here), the attack's, and the defense's or detector's, with its defense data once the images
+    are counted. A learning rate the fine-tuning rule scaled says so (``rule``)."""
+    j = cell.job
+    method = cell.defense if isinstance(cell, DefenseCell) else cell.detector
+    kind = "defense" if isinstance(cell, DefenseCell) else "detector"
+    out = [{**d, "kind": "dataset"} for d in departures_of(j.dataset.name, type(j.dataset), j.dataset.to_dict())]
+    out += [{**d, "kind": "model"} for d in departures_of(j.model.name, type(j.model), j.model.to_dict())]
+    if j.checkpoint is None:
+        out += [{**d, "kind": "train"} for d in recipe_departures(j.train.to_dict(), PRESETS["paper"].train.to_dict())]
+    out += [{**d, "kind": "attack"} for d in departures_of(j.attack.name, type(j.attack), j.attack.to_dict())]
+    mine = departures_of(method.name, type(method), method.to_dict())
+    if images is not None and cell.clean_data is None:
+        mine += defense_data_departure(method.name, type(method), images, n_train)
+    ft = cell.finetune or {}
+    for d in mine:
+        name = d["field"].split(".", 1)[1]
+        if name in ft.get("fields", {}) and name not in ft.get("given", []) and ft.get("scale", 1) != 1:
+            d["rule"] = f"fine-tuning rule: x{ft['scale']:g} (recipe lr {ft['recipe_lr']:g} / reference {ft['reference_train_lr']:g})"
+    return out + [{**d, "kind": kind} for d in mine]
+
+
 def base_record(cell: DefenseCell, preset: str) -> dict:
     """A removal cell's record before it runs: everything but the results, status "failed"."""
     j = cell.job
@@ -241,7 +272,9 @@ def base_record(cell: DefenseCell, preset: str) -> dict:
             "model_key": j.key,
             "defense_pool": defense_pool(j.attack),
             **({"clean_data": cell.clean_data.facts} if cell.clean_data is not None else {}),
+            **({"finetune": cell.finetune} if cell.finetune else {}),
         },
+        "departures": departures(cell),
         "versions": versions(),
         "git": git_revision(),
     }
@@ -258,8 +291,9 @@ def base_detect_record(cell: DetectCell, preset: str) -> dict:
         "config": {"preset": preset, **job_config(j), "detector": {"name": cell.detector.name, **cell.detector.to_dict()},
                    "run": cell.run.to_dict(), "model_key": j.key, "defense_pool": defense_pool(j.attack),
                    **({"clean_data": cell.clean_data.facts} if cell.clean_data is not None else {}),
+                   **({"finetune": cell.finetune} if cell.finetune else {}),
                    **({} if cell.detector.level == "model" else {"inputs_version": INPUTS_VERSION})},
-        "versions": versions(), "git": git_revision(),
+        "departures": departures(cell), "versions": versions(), "git": git_revision(),
     }
 
 
@@ -347,7 +381,10 @@ def run_defense_cell(cell: DefenseCell, device: str, preset: str, backdoor: dict
     train_set, test_set = ds.load(job.data_dir)
     rec["data"] = job.data
     model, attack, poison_idx, triggered = load_model(job, device)
-    clean = cell_defense_data(cell, train_set, attack, poison_idx)
+    if cell.defense.needs_data:
+        clean = cell_defense_data(cell, train_set, attack, poison_idx)
+    else:  # none, CLP: no clean data drawn (and none asked of a small training set)
+        clean = train_set.subset(torch.zeros(0, dtype=torch.long))
     ctx = DefenseContext(num_classes=ds.num_classes, augmentation=ds.augmentation, seed=job.seed,
                          device=torch.device(device), bf16=job.train.bf16)
     rec["device"] = device_info(device)
@@ -358,6 +395,7 @@ def run_defense_cell(cell: DefenseCell, device: str, preset: str, backdoor: dict
     rec["metrics"] = evaluate(result.model, test_set, triggered, device=device, bf16=job.train.bf16)
     rec["info"] = dict(result.info)
     rec["info"]["defense_images"] = len(clean)
+    rec["departures"] = departures(cell, len(clean), len(train_set))
     if keep_model:
         rec["_defended"] = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     if result.tensors:  # saved by the driver as RUN_DIR/tensors/<cell>.safetensors before the record
@@ -442,6 +480,7 @@ def run_detect_cell(cell: DetectCell, device: str, preset: str, backdoor: dict |
             "precision_at_k": precision_at_k(scores, poisoned),
         }
     rec["info"] = {**det.info, "defense_images": len(clean)}
+    rec["departures"] = departures(cell, len(clean), len(train_set))
     if det.tensors:
         rec["_tensors"] = {k: v.detach().cpu() for k, v in det.tensors.items()}
     rec["status"] = "ok"

@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import attacks as _attacks  # noqa: F401  (registers the built-in attacks)
 import defenses as _defenses  # noqa: F401  (registers the built-in defenses)
 import detectors as _detectors  # noqa: F401  (registers the built-in detectors)
 from attacks.base import ATTACKS, Attack
 from attacks.clean import Unknown
+from bench import finetune
 from bench.checkpoint import Checkpoint, load_into
 from bench.config import Config, build, param
 from bench.data import DATASETS, CleanFolder, Dataset, cache_dir, resolve_data_dir
@@ -52,6 +53,8 @@ class RunConfig(Config):
     # The sweep costs one evaluation per point (19 for RNP): on all of GTSRB's test sets
     # (12,630 clean + ~12,000 triggered) that was ~23 min on this 2-core CPU, 3x the training.
     sweep_images: int = param(2000, low=0, doc="images of each test set (clean, triggered) the sweep uses; 0: all")
+    finetune_lr: Literal["recipe", "official"] = param(
+        "recipe", doc="fine-tuning learning rates: the official value scaled to the recipe's lr (bench/finetune.py), or the official constant")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class DefenseCell:
     defense: Defense
     run: RunConfig
     clean_data: CleanFolder | None = None  # --clean-data: the defender's own images instead of a draw from the training split
+    finetune: dict | None = field(default=None, compare=False, hash=False)  # the fine-tuning rule's facts (bench/finetune.py)
 
     @property
     def id(self) -> str:
@@ -132,6 +136,7 @@ class DetectCell:
     detector: Detector
     run: RunConfig
     clean_data: CleanFolder | None = None
+    finetune: dict | None = field(default=None, compare=False, hash=False)
 
     @property
     def id(self) -> str:
@@ -181,12 +186,20 @@ class GridSpec:
         ov = lambda *ns: {k: v for n in ns for k, v in self.overrides.get(n, {}).items()}  # noqa: E731
         fields = lambda *ns: {k: v for n in ns for k, v in p.fields.get(n, {}).items()}  # noqa: E731
 
+        def settings(registry, name) -> tuple[dict, dict]:
+            """(the --set overrides, the preset's fields) that apply to a component, later names winning."""
+            base = getattr(registry.get(name), "settings_from", None)  # a detector that takes a defense's settings first
+            ns = [base, name] if base else names(registry, name)
+            return ov(*ns), fields(*ns)
+
         def make(registry, name):
-            cls = registry.get(name)
-            base = getattr(cls, "settings_from", None)  # a detector that takes a defense's settings first
-            if base:
-                return build(cls, {**ov(base), **ov(name)}, **fields(base), **fields(name))
-            return build(cls, ov(*names(registry, name)), **fields(*names(registry, name)))
+            overrides, preset_fields = settings(registry, name)
+            return build(registry.get(name), overrides, **preset_fields)
+
+        def tuned(registry, name):
+            """A defense or detector with the fine-tuning rule applied to the learning rates nobody set."""
+            overrides, preset_fields = settings(registry, name)
+            return finetune.apply(make(registry, name), tcfg.lr, run.finetune_lr, {*overrides, *preset_fields})
 
         # Every component is built once here, so a bad name or value fails before any work.
         for name in self.overrides:
@@ -205,8 +218,8 @@ class GridSpec:
                     why = "a clean reference model of the same recipe" if a.needs_clean_model else "state learned while the model trained"
                     raise BenchError(f"--attack {a.name}: its trigger needs {why}, which a checkpoint does not carry; "
                                      "give an attack whose trigger its fields and the seed define (badnets, blend, sig, wanet, ...)")
-        defs = [make(DEFENSES, d) for d in self.defenses]
-        dets = [make(DETECTORS, d) for d in self.detectors]
+        defs = [tuned(DEFENSES, d) for d in self.defenses]
+        dets = [tuned(DETECTORS, d) for d in self.detectors]
         for ds in datasets:
             for a in atks:
                 if getattr(a, "target", 0) >= ds.num_classes:
@@ -217,7 +230,7 @@ class GridSpec:
                 m.check(net, ds.num_classes, ds.channels, ds.size, ds.name)
                 if self.checkpoint is not None:  # the checkpoint fits the architecture and the dataset, or one line here
                     load_into(net, self.checkpoint, ds.num_classes, ds.name, m.name)
-                for d in [*defs, *dets]:
+                for d, _ in [*defs, *dets]:
                     d.check(net)
         if not self.seeds:
             raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0,1,2")
@@ -226,8 +239,34 @@ class GridSpec:
         if self.clean_data is not None:  # its class folders fit every dataset: one line here, not in a cell
             for ds in datasets:
                 self.clean_data.load(ds)
-        return Plan([DefenseCell(j, d, run, self.clean_data) for j in jobs for d in defs],
-                    [DetectCell(j, d, run, self.clean_data) for j in jobs for d in dets])
+        elif any(getattr(d, "needs_data", True) for d, _ in [*defs, *dets]):
+            for ds in datasets:
+                for a in atks:
+                    check_defense_data(ds, a, run.defense_data, self.data_dir)
+        return Plan([DefenseCell(j, d, run, self.clean_data, ft) for j in jobs for d, ft in defs],
+                    [DetectCell(j, d, run, self.clean_data, ft) for j in jobs for d, ft in dets])
+
+
+def check_defense_data(ds: Dataset, attack: Attack, size: float, data_dir: str | None) -> None:
+    """Fail on one line, before any work, when ``run.defense_data`` asks for more clean images than the
+    training split has left once the attack relabelled its share (the pool ``defense_data`` draws from).
+
+    Exact where the size is known before loading (``Dataset.train_count``) and the attack relabels a fixed
+    share of the set (the base class's poisoning); an attack that poisons per batch relabels nothing in the
+    set, and an unknown size is checked when the cell draws its data."""
+    n = ds.train_count(data_dir)
+    if n is None:
+        return
+    want = int(round(size * n)) if size < 1 else int(size)
+    relabelled = 0
+    if not attack.clean_label and type(attack).poison is Attack.poison:
+        relabelled = min(n, int(round(attack.poison_rate * n)))
+    pool = n - relabelled
+    if not 0 < want <= pool:
+        left = f"{pool} clean ones" + (f" once {attack.name} relabels {relabelled}" if relabelled else "")
+        fix = f"--set run.defense_data={pool}" if pool > 0 else "a larger training set"
+        raise BenchError(f"run.defense_data={size:g} asks for {want} clean training images, but {ds.name} has {n} training "
+                         f"images, {left}; use {fix} or less (or a fraction, e.g. --set run.defense_data=0.1)")
 
 
 def model_dir(job: TrainJob) -> Path:
