@@ -139,6 +139,8 @@ class Setup:
         train, self.test = self.job.dataset.load(self.job.data_dir)
         self.clean: ImageSet = cells.defense_data(train, attack, poison_idx, args.defense_size, self.job.seed)
         self.seed = args.seed
+        # the seed of the defenses' own randomness (ours: DefenseContext.seed; official: the global RNGs)
+        self.run_seed = args.seed if args.run_seed is None else args.run_seed
         self.ds = self.job.dataset
         self.num_classes = self.ds.num_classes
         self.target = int(getattr(attack, "target", 0))
@@ -149,7 +151,7 @@ class Setup:
         return copy.deepcopy(self.model).float().eval()
 
     def ctx(self) -> DefenseContext:
-        return DefenseContext(num_classes=self.num_classes, augmentation=self.ds.augmentation, seed=self.seed,
+        return DefenseContext(num_classes=self.num_classes, augmentation=self.ds.augmentation, seed=self.run_seed,
                               device=torch.device("cpu"), bf16=False)
 
     def evaluate(self, model: nn.Module) -> dict:
@@ -188,12 +190,28 @@ def bb_train_transform():
     return transforms.Compose([transforms.Resize((32, 32)), transforms.RandomCrop((32, 32), padding=4), transforms.ToTensor()])
 
 
+def jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
 def emit(method: str, side: str, result: dict, setup: Setup, extra: dict | None = None) -> None:
-    line = {"method": method, "side": side, **result, **(extra or {}),
+    line = {"method": method, "side": side, "run_seed": setup.run_seed, **result, **(extra or {}),
             "model": f"{setup.ds.name}-{setup.job.model.name}-{setup.job.attack.name}-s{setup.seed}",
             "defense_images": len(setup.clean), "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "torch": torch.__version__.split("+")[0]}
-    print(json.dumps(line), flush=True)
+    print(json.dumps(jsonable(line)), flush=True)
+
+
+def ragged_steps(n: int, batch_size: int) -> int:
+    """Steps per epoch of our shared trainer with keep_ragged (bench/train.py): full batches, plus a rest of 2 or more."""
+    bs = min(batch_size, n)
+    return n // bs + (1 if n % bs > 1 else 0)
 
 
 def timed(fn, *a, **k):
@@ -261,7 +279,7 @@ def nad_official(S: Setup) -> dict:
     opt = get_arguments().parse_args([])  # config.py: the official defaults
     opt.cuda = 0  # main.py:23-25 moves batches to CUDA when opt.cuda; this is a CPU run
     opt.print_freq = 10**9  # progress prints only
-    seed_globals(S.seed)  # main.py never seeds (config.py's --seed is unused): we seed the global RNGs
+    seed_globals(S.run_seed)  # main.py never seeds (config.py's --seed is unused): we seed the global RNGs
 
     # data_loader.py:10-16 and :24: the official train transform and loader (batch 64, shuffled, ragged batch kept)
     aug = S.args.nad_aug
@@ -358,7 +376,7 @@ def nad_ours(S: Setup) -> dict:
     per_epoch = np.array_split(steps, defense.epochs)
     return {"model": res.model, "teacher": cap.teacher, "seconds": seconds, "terms": per_epoch, "betas": defense.betas,
             "info": res.info, "settings": {k: v for k, v in defense.to_dict().items()} | {"augmentation": "RandomCrop(32,4) (GTSRB: no flip)",
-                                                                                           "ragged_batch": "dropped (7x64 per epoch)"}}
+                                                                                           "ragged_batch": "kept (7x64 + 52)"}}
 
 
 @torch.no_grad()
@@ -405,7 +423,7 @@ def ibau_order(S: Setup, batch_size: int) -> torch.Tensor:
     """The order in which our i-BAU batches the defense images (defenses/ibau.py: one seeded permutation)."""
     from defenses.rnp import batches
 
-    return torch.cat(batches(len(S.clean), batch_size, torch.Generator().manual_seed(S.seed)))
+    return torch.cat(batches(len(S.clean), batch_size, torch.Generator().manual_seed(S.run_seed)))
 
 
 @torch.no_grad()
@@ -423,7 +441,7 @@ def ibau_official(S: Setup) -> dict:
 
     device = "cpu"
     batch_size, lr, n_rounds, K = 100, 0.001, 5, 5  # defense.py:123 (--batch_size), :126 (--lr), :129 (--n_rounds), :130 (--K)
-    seed_globals(S.seed)  # loss_outer draws from Python's global random (defense.py:197): seeded here
+    seed_globals(S.run_seed)  # loss_outer draws from Python's global random (defense.py:197): seeded here
     order = ibau_order(S, batch_size)
     x, y = S.x01()[order], S.clean.y[order]
     passes = S.args.ibau_passes
@@ -498,19 +516,17 @@ def ibau_official(S: Setup) -> dict:
 
 def ibau_ours(S: Setup) -> dict:
     cls = DEFENSES.get("ibau")
-    fields = {f for f in cls.__dataclass_fields__}
-    kw = dict(rounds=5, K=5, lr=1e-3, batch_size=100, pert_lr=10.0, reg=1e-3, inner_lr=0.1, portion=0.01)
-    # Unbounded delta (defense.py:236-237): min(1, inf / ||delta||) = 1.
-    kw["pert_norm"] = math.inf
+    fields = set(cls.__dataclass_fields__)
+    # Unbounded delta (defense.py:236-237): pert_norm inf, min(1, inf / ||delta||) = 1.
+    kw = dict(rounds=5, K=5, lr=1e-3, batch_size=100, pert_lr=10.0, pert_norm=math.inf, reg=1e-3, inner_lr=0.1, portion=0.01)
+    steps = 5 * S.args.ibau_passes  # the official loop's steps per round on these images (5 batches a pass)
     missing = []
-    steps = 50 if S.args.ibau_passes == 10 else 5 * S.args.ibau_passes
-    for name in ("steps", "steps_per_round", "outer_steps", "pert_steps"):
+    for name in ("search_steps", "outer_steps"):
         if name in fields:
             kw[name] = steps
-    if not any(n in fields for n in ("steps", "steps_per_round", "outer_steps", "pert_steps")) and S.args.ibau_passes != 1:
-        missing.append("no field for 50 steps per round: one pass over the 5 batches (5 + 5 steps per round)")
+        elif S.args.ibau_passes != 1:
+            missing.append(f"no field {name}: one pass over the 5 batches per round")
     defense = cls(**kw)
-    x = S.x01()
     res, seconds = timed(defense, S.fresh(), S.clean, S.ctx())
     return {"model": res.model, "seconds": seconds, "per_round": res.info.get("per_round"), "missing": missing,
             "settings": defense.to_dict()}
@@ -534,7 +550,7 @@ def fst_official(S: Setup) -> dict:
 
     # README.md's CIFAR-10 command: --lr 0.01 --epochs 10 --ft_mode fst --alpha 0.1; ft.py:67 --batch_size 128
     lr, epochs, alpha, batch_size = 0.01, 10, 0.1, 128
-    fix_random(S.seed)  # ft.py:97 (random, numpy and torch global RNGs; the official run then builds its model from the torch RNG)
+    fix_random(S.run_seed)  # ft.py:97 (random, numpy and torch global RNGs; the official run then builds its model from the torch RNG)
     net = S.fresh()
     head_name = "linear"  # ft.py:81 --linear_name: our classifier is model.net.linear
     head = net.net.linear
@@ -557,6 +573,10 @@ def fst_official(S: Setup) -> dict:
     ip_before = float((head.weight.detach() * weight_mat_ori).sum())
     optimizer = torch.optim.SGD(param_list, lr=lr, momentum=0.9)  # ft.py:297
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)  # ft.py:298
+    per_step = S.args.fst_schedule == "step"
+    if per_step:  # variant: the cosine stepped per optimiser step, as our trainer (bench/train.py lr_lambda)
+        total = epochs * len(train_data)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     criterion = nn.CrossEntropyLoss()  # ft.py:299
     steps = 0
     for epoch in range(epochs):  # ft.py:301
@@ -569,12 +589,16 @@ def fst_official(S: Setup) -> dict:
             optimizer.zero_grad()  # ft.py:327
             head.weight.data = head.weight.data * original_linear_norm / torch.norm(head.weight.data)  # ft.py:329-330
             steps += 1
-        scheduler.step()  # ft.py:339
+            if per_step:
+                scheduler.step()
+        if not per_step:
+            scheduler.step()  # ft.py:339
     seconds = time.perf_counter() - t0
     net.eval()
     return {"model": net, "seconds": seconds, "original": weight_mat_ori, "ip_before": ip_before, "steps": steps,
             "settings": {"epochs": epochs, "lr": lr, "alpha": alpha, "batch_size": batch_size, "momentum": 0.9,
-                         "weight_decay": 0.0, "schedule": "cosine per epoch (T_max = epochs)",
+                         "weight_decay": 0.0,
+                         "schedule": "cosine per step (variant)" if per_step else "cosine per epoch (T_max = epochs)",
                          "augmentation": "RandomCrop(32,4)", "ragged_batch": "kept (500 = 3x128 + 116)"}}
 
 
@@ -584,7 +608,7 @@ def fst_ours(S: Setup) -> dict:
     original = model.net.linear.weight.detach().clone()
     res, seconds = timed(defense, model, S.clean, S.ctx())
     return {"model": res.model, "seconds": seconds, "original": original, "ip_before": res.info["inner_product_before"],
-            "steps": 10 * (len(S.clean) // 128), "settings": defense.to_dict()}
+            "steps": defense.epochs * ragged_steps(len(S.clean), defense.batch_size), "settings": defense.to_dict()}
 
 
 def run_fst(S: Setup, sides) -> None:
@@ -655,7 +679,7 @@ def fp_official(S: Setup) -> dict:
     cfg = bb_yaml(S, "config/defense/fp/gtsrb.yaml")
     with official_path(S.args.bb, "--bb"):
         from utils.aggregate_block.fix_random import fix_random
-    fix_random(S.seed)  # fp.py:212 (yaml random_seed 0)
+    fix_random(S.run_seed)  # fp.py:212 (yaml random_seed 0)
     model = S.fresh()
     netC = model.net  # BackdoorBench's network takes normalised images; ours normalises in model, then runs model.net
     netC.eval()  # fp.py:230
@@ -686,6 +710,9 @@ def fp_official(S: Setup) -> dict:
     # Pruning touches the head only, so the test accuracy of each step is computed from the head's inputs cached once
     # (the same predictions as fp.py:352-353's full forward passes, in a fraction of the time).
     f_test, f_bd = head_inputs(model, first_linear, test_x), head_inputs(model, first_linear, bd_x)
+    y_stop = S.test.y
+    if S.args.fp_stop_data == "defense":  # variant: the stop rule on the (unaugmented) defense images, as ours
+        f_test, y_stop = head_inputs(model, first_linear, S.x01()), S.clean.y
     t_cache = time.perf_counter()
 
     def acc(f, y):
@@ -699,7 +726,7 @@ def fp_official(S: Setup) -> dict:
             pruned_channnel_index = seq_sort[0:num_pruned - 1]
             prune_mask[:, pruned_channnel_index] = torch.zeros_like(prune_mask[:, pruned_channnel_index])
             prune.custom_from_mask(first_linear, name="weight", mask=prune_mask)
-        test_acc = acc(f_test, S.test.y)  # fp.py:352
+        test_acc = acc(f_test, y_stop)  # fp.py:352
         test_asr = acc(f_bd, S.triggered.y_target)  # fp.py:353 (logged only)
         curve.append([num_pruned, int((prune_mask[0] == 0).sum()), round(test_acc, 4), round(test_asr, 4)])
         if num_pruned == 0:  # fp.py:372-375
@@ -720,7 +747,8 @@ def fp_official(S: Setup) -> dict:
     prune.remove(first_linear, "weight")
     return {"model": model, "seconds": seconds, "inter": {
         "channels_pruned": pruned, "channels_total": len(seq_sort), "pruned_channels": pruned_set,
-        "last_index_within_bound": last_index, "stop_measure": "clean TEST accuracy (fp.py:352)",
+        "last_index_within_bound": last_index,
+        "stop_measure": "clean TEST accuracy (fp.py:352)" if S.args.fp_stop_data == "test" else "defense-data accuracy (variant)",
         "acc_unpruned": round(test_acc_cl_ori, 4), "prune_curve": curve, "after_prune": after_prune,
         "finetune_steps": steps},
         "settings": {k: cfg[k] for k in ("acc_ratio", "once_prune_ratio", "epochs", "batch_size", "lr", "lr_scheduler",
@@ -742,7 +770,8 @@ def fp_ours(S: Setup) -> dict:
         "pruned_channels": sorted(info["pruned_channels"]), "stop_measure": "defense-data accuracy",
         "acc_unpruned": round(info["acc_before"], 4), "acc_after_prune": round(info["acc_after_prune"], 4),
         "prune_curve": info["prune_curve"], "after_prune": S.evaluate(pruned_model),
-        "finetune_steps": 100 * (len(S.clean) // 256)}, "settings": defense.to_dict()}
+        "finetune_steps": defense.finetune_epochs * ragged_steps(len(S.clean), defense.batch_size)},
+        "settings": defense.to_dict()}
 
 
 def run_fp(S: Setup, sides) -> None:
@@ -875,7 +904,7 @@ def nc_reference_label(model: nn.Module, X: torch.Tensor, gen, y_target: int, c:
             grads = torch.autograd.grad(loss.sum(), [pattern_v, mask_v])
             opt.step(grads)
             loss_ce_list.extend(loss_ce.detach().tolist())  # :365-368
-            loss_reg_list.append(float(loss_reg))
+            loss_reg_list.append(float(loss_reg.detach()))
             loss_acc_list.extend(acc.tolist())
         avg_loss_reg = float(np.mean(loss_reg_list))  # :370-373
         avg_loss_acc = float(np.mean(loss_acc_list))
@@ -887,6 +916,8 @@ def nc_reference_label(model: nn.Module, X: torch.Tensor, gen, y_target: int, c:
                 pattern_best = squash_pattern().clone()
             reg_best = avg_loss_reg
         logs.append((step, avg_loss_ce, avg_loss_reg, avg_loss_acc, reg_best, cost))  # :392-394
+        if step % 50 == 0:
+            log(f"  label {y_target} epoch {step}: cost {cost:.2e} acc {avg_loss_acc:.3f} reg {avg_loss_reg:.1f} best {reg_best:.1f}")
         if c["EARLY_STOP"]:  # :397-410
             if reg_best < float("inf"):
                 if reg_best >= c["EARLY_STOP_THRESHOLD"] * early_stop_reg_best:
@@ -1037,7 +1068,7 @@ def nc_official(S: Setup) -> dict:
     if det["flagged"] and not S.args.nc_detect_only:
         for q in unlearn_model.parameters():
             q.requires_grad_(True)
-        seed_globals(cfg["random_seed"])  # BackdoorBench nc.py:595 fix_random(random_seed)
+        seed_globals(S.run_seed)  # BackdoorBench nc.py:595 fix_random(random_seed) (yaml: 0, our default run seed)
         t1 = time.perf_counter()
         inter["unlearn"] = bb_nc_unlearn(S, unlearn_model, results, det["flagged"], cfg)
         inter["unlearn_seconds"] = round(time.perf_counter() - t1, 1)
@@ -1060,9 +1091,8 @@ def nc_ours(S: Setup) -> dict:
               anomaly_threshold=2.0, unlearn_ratio=0.2, unlearn_epochs=100, unlearn_lr=0.01, unlearn_batch_size=256,
               momentum=0.9, weight_decay=5e-4)
     missing = []
-    reset = [f for f in fields if "zero" in f or f.startswith("reset")]
-    if reset:
-        kw[reset[0]] = True
+    if "reset_cost_to_zero" in fields:
+        kw["reset_cost_to_zero"] = True
     else:
         missing.append("no field for RESET_COST_TO_ZERO: the cost starts at init_cost")
     defense = cls(**kw)
@@ -1127,13 +1157,19 @@ def main(argv=None) -> int:
     ap.add_argument("--attack", default="badnets")
     ap.add_argument("--dataset", default=None, help="default: the preset's (quick: gtsrb)")
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the model's seed (the grid's), which also draws the defense images")
+    ap.add_argument("--run-seed", type=int, default=None,
+                    help="seed of the defenses' own randomness on both sides (default: --seed); the model and images stay")
     ap.add_argument("--defense-size", type=float, default=500, help="defense images (the grid's default 500)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-before", action="store_true", help="skip the line of the model before any defense")
     ap.add_argument("--nad-teacher-epochs", type=int, default=10, help="README: 5-10")
     ap.add_argument("--nad-aug", default="official", choices=["official", "no-flip", "crop"],
                     help="official NAD transform (crop, flip, Cutout); variants: without the flip; crop only (as ours on GTSRB)")
+    ap.add_argument("--fst-schedule", default="epoch", choices=["epoch", "step"],
+                    help="official FST cosine stepped per epoch (ft.py:339); variant: per step, as our trainer")
+    ap.add_argument("--fp-stop-data", default="test", choices=["test", "defense"],
+                    help="official FP stop rule on the clean test set (fp.py:352); variant: on the defense images, as ours")
     ap.add_argument("--ibau-passes", type=int, default=10,
                     help="official loader passes over the defense images per round (10: 50 steps, as 5,000 images; 1: 5)")
     ap.add_argument("--nc-labels", default="0", help="labels to reverse (comma list or 'all'); the target is scanned first")
