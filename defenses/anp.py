@@ -86,7 +86,7 @@ from bench.official import table
 from bench.train import autocast, to_input
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 from defenses.masks import MaskSet, attach_masks, prune, pruning_sweep
-from defenses.rnp import SWEEP  # the same official grid, 0..0.9 in steps of 0.05
+from defenses.select import SWEEP  # the same official grid as RNP, 0..0.9 in steps of 0.05
 from defenses.select import ThresholdSelection, choose_threshold, selection_official, split_holdout
 
 PRINT_EVERY = 500  # the official --print-every: the window of the training accuracy it reports

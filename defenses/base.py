@@ -28,6 +28,17 @@ from bench.registry import Registry
 DEFENSES: Registry[type["Defense"]] = Registry("defense", entry_point_group="bdbench.defenses")
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches ``batches`` cuts an epoch of ``n`` images into."""
+    return max(1, round(n / batch_size))
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One shuffled epoch as round(n / batch_size) near-equal index batches (no tiny last batch), on ``gen``'s device."""
+    perm = torch.randperm(n, generator=gen, device=gen.device)
+    return list(torch.tensor_split(perm, batches_per_epoch(n, batch_size)))
+
+
 @dataclass
 class DefenseContext:
     """What a defense may know besides the model and its clean data."""

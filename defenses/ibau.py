@@ -78,7 +78,7 @@ from bench.data import ImageSet
 from bench.finetune import FineTuneLR
 from bench.official import table
 from bench.train import to_input
-from defenses.rnp import batches as epoch_batches
+from defenses.base import batches as epoch_batches
 from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
 
 Tensor = torch.Tensor

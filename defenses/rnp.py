@@ -92,9 +92,9 @@ from bench.config import param
 from bench.data import ImageSet, augment, step_generator
 from bench.official import table
 from bench.train import autocast, predict, to_input
-from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
+from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, batches, batches_per_epoch
 from defenses.masks import MaskSet, attach_masks, prune, pruned_channels, pruning_sweep
-from defenses.select import ThresholdSelection, choose_threshold, selection_official, split_holdout
+from defenses.select import SWEEP, ThresholdSelection, choose_threshold, selection_official, split_holdout
 
 # Stage 1 results of this process, newest last, keyed by RNP._unlearn_key: the defense and RNP's
 # detectors (rnp_label, rnp_samples, rnp_trigger) on one model share one unlearning.
@@ -102,20 +102,6 @@ _UNLEARNED: dict[str, tuple[nn.Module, dict, torch.Tensor]] = {}
 _UNLEARNED_KEEP = 16  # a process runs a model's cells one after another (bench.run.execute); 16 leaves room
 _STAGE1_FIELDS = ("clean_threshold", "unlearn_lr", "unlearn_epochs", "unlearn_milestones", "momentum",
                   "weight_decay", "stop_check", "batch_size", "select", "holdout")
-
-SWEEP: tuple[float, ...] = tuple(round(float(t), 2) for t in np.arange(0, 0.95, 0.05))  # official: 0..0.9 step 0.05
-
-
-def batches_per_epoch(n: int, batch_size: int) -> int:
-    """How many batches ``batches`` cuts an epoch of ``n`` images into."""
-    return max(1, round(n / batch_size))
-
-
-def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """One shuffled epoch as round(n / batch_size) near-equal index batches (no tiny last batch), on ``gen``'s device."""
-    perm = torch.randperm(n, generator=gen, device=gen.device)
-    return list(torch.tensor_split(perm, batches_per_epoch(n, batch_size)))
-
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: ImageSet, batch_size: int = 128) -> None:

@@ -60,6 +60,8 @@ from bench.train import accuracy, true_class_probability
 HOLDOUT = 0.2
 MAX_ACC_DROP = 0.05
 TOL = 1e-6
+# The pruning thresholds RNP's and ANP's official code sweeps (and ``select=auto`` tries), in order.
+SWEEP: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(19))  # official: 0..0.9 step 0.05
 
 
 @dataclass(frozen=True)

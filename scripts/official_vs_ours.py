@@ -421,7 +421,7 @@ def run_nad(S: Setup, sides) -> None:
 
 def ibau_order(S: Setup, batch_size: int) -> torch.Tensor:
     """The order in which our i-BAU batches the defense images (defenses/ibau.py: one seeded permutation)."""
-    from defenses.rnp import batches
+    from defenses.base import batches
 
     return torch.cat(batches(len(S.clean), batch_size, torch.Generator().manual_seed(S.run_seed)))
 
