@@ -46,7 +46,10 @@ Defaults (``TriggerSearch``), and where they come from:
   BackdoorBench's NC does.
 
 Departures: mini-batches are drawn from reshuffled passes over the clean data without a ragged last
-batch (the official generator cycles through its whole test set). A preset may shorten the budget
+batch (the official generator cycles through its whole test set). The loss is the cross-entropy of the
+target label, as the paper writes it and BackdoorBench computes it; the Keras code passes
+``categorical_crossentropy`` its arguments swapped, which makes its loss 16.12 (1 - p_t), linear in the
+target's probability (docs/official-vs-ours.md, NC: it leaves larger masks at the same budget). A preset may shorten the budget
 (``epochs``, ``batches_per_epoch``); the record lists it.
 """
 

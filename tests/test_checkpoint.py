@@ -505,7 +505,9 @@ def test_clean_data_from_a_folder_of_the_defenders_own_images(trained, tmp_path)
     res = invoke(*args)
     assert res.exit_code == 0, res.output
     recs = records(tmp_path / "d")
-    assert all(r["info"]["defense_images"] == 30 and r["config"]["clean_data"]["path"] == str(folder.resolve()) for r in recs)
+    by = {r["defense"]: r for r in recs}
+    assert by["shrink"]["info"]["defense_images"] == 30 and by["shrink"]["config"]["clean_data"]["path"] == str(folder.resolve())
+    assert by["none"]["info"]["defense_images"] == 0  # `none` needs no defense data and draws none
     (folder / "0" / "extra.png").write_bytes((folder / "1" / next(iter(os.listdir(folder / "1")))).read_bytes()
                                             if (folder / "1").exists() else b"")
     res = invoke(*args)  # another file in the folder: another defense set, recomputed

@@ -114,7 +114,8 @@ def test_clean_row_through_grid_records_tables_plots_and_cli(tmp_path, monkeypat
     clean, badnets, avg = rows["clean"], rows["badnets"], rows["Average"]
     assert clean[1] == clean[2] == clean[4] == clean[5] == "-"  # ASR and RA of none and sweeper
     assert clean[0] != "-" and clean[3] != "-"                  # its CA is there
-    assert avg == badnets, "the Average is over the attacks only, without a dagger"
+    # The Average is over the attacks only; the departure mark (‡) stays on the rows it belongs to.
+    assert avg == [v.rstrip("‡") for v in badnets] and any(v.endswith("‡") for v in badnets) and not any("‡" in v for v in avg)
     assert "clean: no trigger, so ASR and RA are not defined" in md
     csv_clean = [r for r in csv_rows(load_records(run)) if r["attack"] == "clean"]
     assert len(csv_clean) == 2 and all(r["asr_mean"] is None and r["ra_mean"] is None and r["ca_mean"] > 0 for r in csv_clean)

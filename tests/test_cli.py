@@ -93,7 +93,7 @@ def test_list_presets_fields_shows_what_each_preset_sets():
     assert "sig.target = 2" in lines["quick"] and "sig.target = 2" not in lines["demo"]  # clean-label target on GTSRB
     assert "bpp.squeeze_num = 4" in lines["demo"] and "train: 4 epochs" in blocks["quick"][0]
     # Each setting beside its official value and source; the fine-tuning rule's rates on each recipe.
-    assert "(official 1000: bolunwang/backdoor gtsrb_visualize_example.py: STEPS = 1000)" in lines["quick"]["nc.epochs = 20"]
+    assert "(official 1000: bolunwang/backdoor gtsrb_visualize_example.py: STEPS = 1000)" in lines["quick"]["nc.epochs = 10"]
     assert "(official 8: " in lines["demo"]["bpp.squeeze_num = 4"]
     assert "fine-tuning rule: official 0.01 x 10" in lines["quick"]["ft.lr = 0.1"]
     assert "x 10" in lines["paper"]["ft.lr = 0.1"] and "fst.lr = 0.02" in lines["demo"]

@@ -27,7 +27,7 @@ def test_driver_simulation_records_every_cell_once_and_a_rerun_runs_nothing(tmp_
     assert s["models"] == len(jobs | refs) == 6
     # the rerun on the finished folder finds every cell done and calls no task body
     assert s["resume_calls"] == 0 and s["resume_returned"] == 50
-    assert 2 <= s["record_kb"] <= 5  # real-sized records (base_record's shape, an oracle curve)
+    assert 2 <= s["record_kb"] <= 8  # real-sized records (base_record's shape with its departures, an oracle curve)
     assert r["ratio"] == 1.0 and s["driver_ms_per_cell"] > 0 and s["resume_s"] > 0
 
 
