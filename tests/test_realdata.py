@@ -55,7 +55,7 @@ def test_badnets_implants_on_gtsrb_and_rnp_clearly_lowers_the_asr(data_dir, tmp_
     print(f"GTSRB quick: before CA {before['ca']:.3f} ASR {before['asr']:.3f}; after RNP CA {after['ca']:.3f} ASR {after['asr']:.3f}")
     assert before["ca"] > 0.9 and before["asr"] > 0.9  # the backdoor is implanted
     # RNP clearly lowers it. The model's last bits differ between CPUs (bf16), and so does RNP's result on it:
-    # 100 % -> 0.5 % and 99.5 % -> 42.3 % on the seed-0 models of two sessions on 2-core Xeons with AVX-512-BF16
+    # ASR 0.5 % and 42.3 % after RNP (from ~100 %) on the seed-0 models of two sessions on 2-core Xeons with AVX-512-BF16
     # (2026-12-06/07; docs/measurements.md). Halving the ASR is what every model measured so far shows.
     assert after["asr"] < 0.5 * before["asr"]
     assert after["ca"] > before["ca"] - 0.05  # at a small cost in clean accuracy (measured: -2.1 points)
