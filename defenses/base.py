@@ -23,7 +23,7 @@ from torch import nn
 
 from bench.config import Config
 from bench.data import Augmentation
-from bench.registry import Registry
+from bench.registry import BenchError, Registry
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense", entry_point_group="bdbench.defenses")
 
@@ -38,6 +38,14 @@ def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]
     perm = torch.randperm(n, generator=gen, device=gen.device)
     return list(torch.tensor_split(perm, batches_per_epoch(n, batch_size)))
 
+
+
+def last_linear(model: nn.Module, who: str) -> tuple[str, nn.Linear]:
+    """The last ``nn.Linear`` of ``model`` in registration order (the classifier head), with its name."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise BenchError(f"{who} needs a model whose classifier is an nn.Linear (it works on that layer)")
+    return linears[-1]
 
 @dataclass
 class DefenseContext:

@@ -54,15 +54,7 @@ from bench.official import table
 from bench.data import ImageSet
 from bench.registry import BenchError
 from bench.train import TrainConfig, accuracy, autocast, to_input, train
-from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-
-
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last ``nn.Linear`` of ``model`` in registration order (the classifier head)."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise BenchError("fp needs a model whose classifier is an nn.Linear (it prunes that layer's input channels)")
-    return linears[-1]
+from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, last_linear
 
 
 @torch.no_grad()
@@ -139,7 +131,7 @@ class FinePruning(Defense):
     def __call__(self, model: nn.Module, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         model = model.to(ctx.device)
         data = clean.to(ctx.device)
-        name, head = last_linear(model)
+        name, head = last_linear(model, "fp")
         feats = head_features(model, head, data, ctx)
         if feats.shape[0] != len(data):
             raise BenchError(f"fp: the last nn.Linear ({name}) is not called once per image; cannot rank its channels")

@@ -11,7 +11,7 @@ elementwise product) of the head's weight with its ORIGINAL, backdoored weight: 
 pushes the new head away from the compromised one, which shifts the features the backbone
 learns. After every optimiser step the head's weight is rescaled to the Frobenius norm of the
 original weight, so the penalty cannot be lowered by shrinking the head. The head is the model's
-last ``nn.Linear`` (``defenses.fp.last_linear``); the official code names it (``--linear_name``).
+last ``nn.Linear`` (``defenses.base.last_linear``); the official code names it (``--linear_name``).
 On other libraries' models the same rule holds (torchvision's ResNets: ``net.fc``); one whose
 classifier is not an ``nn.Linear`` (torchvision's SqueezeNet ends in a 1x1 conv) is refused on one line.
 
@@ -51,8 +51,7 @@ from bench.official import table
 from bench.data import ImageSet
 from bench.registry import BenchError
 from bench.train import TrainConfig, TrainExtension, accuracy, train
-from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult
-from defenses.fp import last_linear
+from defenses.base import DEFENSES, Defense, DefenseContext, DefenseResult, last_linear
 
 
 class HeadShift(TrainExtension):
@@ -117,7 +116,7 @@ class FST(Defense):
         model = model.to(ctx.device)
         data = clean.to(ctx.device)
         try:
-            name, head = last_linear(model)
+            name, head = last_linear(model, "fst")
         except BenchError:
             raise BenchError("fst needs a model whose classifier is an nn.Linear (it re-initialises that layer)") from None
         acc_before = accuracy(model, data, device=ctx.device, bf16=ctx.bf16)

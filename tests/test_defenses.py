@@ -23,7 +23,8 @@ from bench.models import MODELS
 from bench.registry import BenchError
 from bench.train import TrainConfig, accuracy, to_input, train
 from defenses import DEFENSES, DefenseContext, DefenseResult
-from defenses.fp import FinePruning, head_features, last_linear
+from defenses.base import last_linear
+from defenses.fp import FinePruning, head_features
 from defenses.masks import attach_masks, prune, pruning_sweep
 from defenses.rnp import RNP, SWEEP, batches, recalibrate_bn
 from defenses.select import TOL, split_holdout
@@ -312,7 +313,7 @@ def test_bad_settings_from_strings():
 def test_fp_prunes_lowest_activation_first_and_stops_at_the_bound(model, sets):
     clean = sets[1]
     fp = FinePruning(finetune_epochs=0, acc_ratio=0.1, prune_step=0.05)
-    _, head = last_linear(model)
+    _, head = last_linear(model, "test")
     means = head_features(model, head, clean, ctx()).float().mean(0)
     res = fp(copy.deepcopy(model), clean, ctx())
     info = res.info
@@ -324,7 +325,7 @@ def test_fp_prunes_lowest_activation_first_and_stops_at_the_bound(model, sets):
         assert means[pruned].max() <= means[kept].min()
     assert torch.equal(means[pruned], means[pruned].sort().values) or len(pruned) < 2
     # Exactly those input columns of the last Linear are zero.
-    w = last_linear(res.model)[1].weight
+    w = last_linear(res.model, "test")[1].weight
     assert sorted((w == 0).all(0).nonzero().flatten().tolist()) == sorted(pruned)
     # Stop rule: every kept step is within the bound, the step after the last one is not.
     acc0, curve = info["acc_before"], info["prune_curve"]
@@ -339,7 +340,7 @@ def test_fp_prunes_lowest_activation_first_and_stops_at_the_bound(model, sets):
 
 def test_fp_finetune_keeps_pruned_columns_zero(model, sets):
     res = FinePruning(finetune_epochs=2, acc_ratio=0.5)(copy.deepcopy(model), sets[1], ctx())
-    w = last_linear(res.model)[1].weight
+    w = last_linear(res.model, "test")[1].weight
     assert res.info["channels_pruned"] > 0
     assert sorted((w == 0).all(0).nonzero().flatten().tolist()) == sorted(res.info["pruned_channels"])
     assert not any("weight_orig" in k or "weight_mask" in k for k in res.model.state_dict())
