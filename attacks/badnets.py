@@ -42,9 +42,10 @@ from bench.config import param
 from bench.data import ImageSet
 from bench.official import table
 from bench.registry import BenchError
+from attacks.common import GRID_TRIGGER
 
 # The official RNP gridTrigger, rows top to bottom, columns left to right (see above).
-GRID_TRIGGER = ((0, 0, 255), (0, 255, 0), (255, 0, 255))
+
 
 
 @ATTACKS.register("badnets")

@@ -84,19 +84,14 @@ from bench.config import param
 from bench.data import ImageSet
 from bench.official import table
 from bench.registry import BenchError
+from attacks.common import dct_matrix
 
 # kornia 0.6.5 (the version CTRL's requirements.txt pins), kornia/color/yuv.py: rows give Y, U, V / R, G, B.
 RGB_TO_YUV = ((0.299, 0.587, 0.114), (-0.147, -0.289, 0.436), (0.615, -0.515, -0.100))
 YUV_TO_RGB = ((1.0, 0.0, 1.14), (1.0, -0.396, -0.581), (1.0, 2.029, 0.0))
 
 
-def dct_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The orthonormal DCT-II matrix ``D`` (``[n, n]``): ``D @ v`` is the DCT of ``v``, ``D.T`` its inverse."""
-    k = torch.arange(n, dtype=dtype, device=device)[:, None]
-    i = torch.arange(n, dtype=dtype, device=device)[None, :]
-    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    d[0] /= math.sqrt(2.0)
-    return d
+
 
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:

@@ -100,12 +100,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import ATTACKS, Attack, PoisonedSet, batch_share, map_images
-from attacks.trojan import PenultimateFeatures
 from bench.config import param
 from bench.data import Augmentation, ImageSet
 from bench.official import ours, table
 from bench.registry import BenchError
 from bench.train import TrainConfig, TrainExtension
+from attacks.common import PenultimateFeatures
 
 # The warm "sunrise" colour transform S (module notes): rows R', G', B' over (R, G, B), and the offsets.
 SUNRISE_MATRIX = ((0.90, 0.30, 0.05), (0.10, 0.80, 0.05), (0.05, 0.10, 0.55))

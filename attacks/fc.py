@@ -107,9 +107,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from attacks.badnets import GRID_TRIGGER
+from attacks.common import GRID_TRIGGER, PenultimateFeatures
 from attacks.base import ATTACKS, CleanLabelAttack, PoisonedSet, clean_label_rate
-from attacks.trojan import PenultimateFeatures
 from bench.config import param
 from bench.data import ImageSet
 from bench.official import ours, table

@@ -134,6 +134,7 @@ from bench.data import Augmentation, ImageSet, augment
 from bench.official import table
 from bench.registry import BenchError
 from bench.train import TrainConfig, TrainExtension, autocast
+from attacks.common import levels_for
 
 EPS = 1e-7  # official EPSILON (config.py) and the generators' squashing constant
 BETAS = (0.5, 0.9)  # official Adam betas of G and M (train.py)
@@ -195,8 +196,7 @@ def step_factor(step: int, total: int, milestones: tuple[float, ...]) -> float:
     return 0.1 ** sum(step >= round(f * total) for f in milestones)
 
 
-def levels_for(size: int) -> int:
-    return 3 if size % 8 == 0 else 2 if size % 4 == 0 else 1
+
 
 
 @ATTACKS.register("iad")

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.base import ATTACKS, Attack
-from attacks.ctrl import dct_matrix
+from attacks.common import dct_matrix
 from bench.config import param
 from bench.data import ImageSet
 from bench.official import ours, table

@@ -79,7 +79,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.base import ATTACKS, Attack, PoisonedSet, map_images
-from attacks.iad import levels_for
+from attacks.common import levels_for
 from bench.config import param
 from bench.data import Augmentation, ImageSet
 from bench.official import table

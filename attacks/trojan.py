@@ -92,14 +92,10 @@ from bench.config import param
 from bench.data import ImageSet
 from bench.official import table
 from bench.registry import BenchError
+from attacks.common import PenultimateFeatures, last_linear
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` of ``model`` in ``modules()`` order (the classifier head); BenchError if none."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise BenchError(f"trojan needs a model with an nn.Linear classifier; {type(model).__name__} has none")
-    return linears[-1]
+
 
 
 def most_connected_neurons(model: nn.Module, count: int) -> torch.Tensor:
@@ -112,24 +108,7 @@ def most_connected_neurons(model: nn.Module, count: int) -> torch.Tensor:
     return order[:count]
 
 
-class PenultimateFeatures:
-    """Context manager: ``.value`` holds the input of the last Linear of the latest forward, ``[B, D]``."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.layer = last_linear(model)
-        self.value: Optional[torch.Tensor] = None
-        self._handle = None
-
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        feats = inputs[0]
-        self.value = feats.reshape(len(feats), -1, feats.shape[-1]).mean(1) if feats.dim() > 2 else feats
-
-    def __enter__(self) -> "PenultimateFeatures":
-        self._handle = self.layer.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
 
 
 def square_mask(size: int, area: float, margin: float) -> torch.Tensor:
